@@ -1,0 +1,89 @@
+"""Laying a model out after a rebalance: expert weights into physical slots, tokens onto replicas."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from balancer.validation import concrete_or_none
+
+
+def apply_placement(expert_params, phy2log):
+  """Gathers logical-expert weights into physical slots.
+
+  Args:
+    expert_params: a pytree whose leaves carry the logical-expert axis: `[E, ...]` when
+      `phy2log` is `[R]`, or `[L, E, ...]` (layers stacked) when `phy2log` is `[L, R]`.
+      numpy leaves give numpy results, jax leaves jax results.
+    phy2log: `[R]` or `[L, R]` int, the logical expert of each physical slot (from
+      `rebalance_experts`). Jittable; concrete ids are checked to lie in `[0, E)`.
+
+  Returns:
+    The same pytree with `[R, ...]` (or `[L, R, ...]`) leaves: slot s holds a copy of the
+    weights of expert `phy2log[s]`.
+  """
+  index_ndim = np.ndim(phy2log)
+  if index_ndim not in (1, 2) or not jnp.issubdtype(jnp.result_type(phy2log), jnp.integer):
+    raise ValueError(f"phy2log must be an int [num_replicas] or [num_layers, num_replicas] array, "
+                     f"got {jnp.result_type(phy2log)} with shape {np.shape(phy2log)}")
+  leaves, treedef = jax.tree.flatten(expert_params)
+  if not leaves:
+    raise ValueError("expert_params has no array leaves")
+  expert_axis = index_ndim - 1
+  num_experts = None
+  for path, leaf in jax.tree_util.tree_flatten_with_path(expert_params)[0]:
+    shape = np.shape(leaf)
+    name = jax.tree_util.keystr(path) or "leaf"
+    if len(shape) <= expert_axis or (index_ndim == 2 and shape[0] != np.shape(phy2log)[0]):
+      raise ValueError(f"expert_params{name} has shape {shape}; with phy2log of shape {np.shape(phy2log)} "
+                       f"every leaf needs a leading {'[L, E]' if index_ndim == 2 else '[E]'} axis")
+    if num_experts is None:
+      num_experts = shape[expert_axis]
+    elif shape[expert_axis] != num_experts:
+      raise ValueError(f"expert_params{name} has {shape[expert_axis]} experts, other leaves {num_experts}")
+  ids = concrete_or_none(phy2log)
+  if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= num_experts):
+    raise ValueError(f"phy2log holds expert ids outside [0, {num_experts})")
+
+  def gather(leaf):
+    xp = np if isinstance(leaf, np.ndarray) and ids is not None else jnp
+    index = ids if xp is np else phy2log
+    if index_ndim == 1:
+      return leaf[index]
+    return leaf[xp.arange(leaf.shape[0])[:, None], index]
+
+  return jax.tree.unflatten(treedef, [gather(leaf) for leaf in leaves])
+
+
+def select_replicas(topk_idx, log2phy, logcnt, *, token_offset=0) -> jax.Array:
+  """Routes each (token, expert) pair to one physical replica of that expert.
+
+  Tokens take an expert's replicas round-robin by global token index, `(token_offset + t) %
+  logcnt[e]`, so each replica gets an equal share of the expert's tokens.
+
+  Args:
+    topk_idx: `[T, K]` int logical expert ids; -1 = no expert.
+    log2phy: `[E, maxcnt]` int, the slots of each expert, -1 padded (one layer of
+      `rebalance_experts`' output).
+    logcnt: `[E]` int, replicas per expert.
+    token_offset: int scalar, the global index of token 0 (for example this rank's first token).
+
+  Returns:
+    `[T, K]` int32 physical slot ids; -1 where `topk_idx` is -1.
+  """
+  topk_idx, log2phy, logcnt = jnp.asarray(topk_idx), jnp.asarray(log2phy), jnp.asarray(logcnt)
+  if topk_idx.ndim != 2 or not jnp.issubdtype(topk_idx.dtype, jnp.integer):
+    raise ValueError(f"topk_idx must be int [num_tokens, num_topk], got {topk_idx.dtype} {topk_idx.shape}")
+  if log2phy.ndim != 2:
+    raise ValueError(f"log2phy must be [num_experts, maxcnt] (one layer), got shape {log2phy.shape}")
+  if logcnt.shape != log2phy.shape[:1]:
+    raise ValueError(f"logcnt must be [num_experts={log2phy.shape[0]}], got shape {logcnt.shape}")
+  ids = concrete_or_none(topk_idx)
+  if ids is not None and ((ids < -1) | (ids >= log2phy.shape[0])).any():
+    raise ValueError(f"topk_idx holds expert ids outside [-1, {log2phy.shape[0]})")
+  expert = jnp.maximum(topk_idx, 0)
+  token = token_offset + jnp.arange(topk_idx.shape[0], dtype=jnp.int32)[:, None]
+  replica = token % jnp.maximum(logcnt[expert], 1)
+  slot = log2phy[expert, replica].astype(jnp.int32)
+  return jnp.where(topk_idx >= 0, slot, -1)

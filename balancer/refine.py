@@ -1,0 +1,195 @@
+"""Local search that improves a greedy placement, layer by layer, never making it worse.
+
+Each round looks at the hottest GPU of every still-improving layer and tries two kinds of move
+inside that GPU's node (so the hierarchical policy's node constraint holds):
+
+  swap   a replica on the hottest GPU trades places with a lighter replica on another GPU;
+  move   a redundant replica (its expert has >= 2) is handed to another expert, either a slot
+         leaving the hottest GPU, or a slot anywhere in the node going to an expert that sits
+         on the hottest GPU (which then carries a smaller share of it).
+
+Every candidate is scored by the node's new GPU loads. The best one that lowers the maximum
+GPU load is taken; failing that, the best one that keeps the maximum and lowers the sum of
+squared GPU loads (so plateaus with several equally hot GPUs are left). Both keys fall
+strictly, so the search ends; it also stops after `max_rounds`. The work is vectorised across
+layers and candidates; the loop runs over rounds.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+# Relative improvement a move must bring, so float noise cannot make the search cycle.
+_TOLERANCE = 1e-9
+
+
+class _Layout(NamedTuple):
+  num_gpus: int  # P
+  num_nodes: int  # N
+  slots_per_gpu: int  # R / P
+  gpus_per_node: int  # P / N
+  slots_per_node: int  # R / N
+  experts_per_node: int  # E / N
+  spare_candidates: int  # most slots of a node whose expert has >= 2 replicas: min(R/N, 2 (R-E)/N)
+
+
+def _one_hot(index: np.ndarray, size: int) -> np.ndarray:
+  return (index[..., None] == np.arange(size)).astype(np.float64)
+
+
+def refine_placement(weight: np.ndarray, phy2log: np.ndarray, expert_node: np.ndarray, num_nodes: int,
+                     num_gpus: int, *, max_rounds: int | None = None) -> np.ndarray:
+  """Improves a placement by local search; see the module docstring.
+
+  Args:
+    weight: `[L, E]` float32 loads.
+    phy2log: `[L, R]` int64, the starting placement. Every expert has at least one replica,
+      and every replica of expert e lies on node `expert_node[l, e]`.
+    expert_node: `[L, E]` int64, node of each expert; each node hosts exactly E/N experts.
+    num_nodes: N, dividing `num_gpus`; GPU g is on node `g // (P/N)`.
+    num_gpus: P, dividing R.
+    max_rounds: cap on moves per layer; default 4 * R.
+
+  Returns:
+    `[L, R]` int64, the refined `phy2log`. Replica counts may differ from the input's; no
+    layer's maximum GPU load is higher than the input's.
+  """
+  num_layers, num_experts = weight.shape
+  num_replicas = phy2log.shape[1]
+  slots_per_node = num_replicas // num_nodes
+  experts_per_node = num_experts // num_nodes
+  layout = _Layout(num_gpus=num_gpus, num_nodes=num_nodes, slots_per_gpu=num_replicas // num_gpus,
+                   gpus_per_node=num_gpus // num_nodes, slots_per_node=slots_per_node,
+                   experts_per_node=experts_per_node,
+                   spare_candidates=min(slots_per_node, 2 * (slots_per_node - experts_per_node)))
+  weight = weight.astype(np.float64)
+  phy2log = phy2log.astype(np.int64, copy=True)
+  layer_col = np.arange(num_layers)[:, None]
+  slot_gpu = np.arange(num_replicas) // layout.slots_per_gpu
+  counts = np.zeros((num_layers, num_experts), np.int64)
+  np.add.at(counts, (layer_col, phy2log), 1)
+  replicas_on_gpu = np.zeros((num_layers, num_experts, num_gpus), np.int64)
+  np.add.at(replicas_on_gpu, (layer_col, phy2log, slot_gpu[None, :]), 1)
+  # Node n's experts are experts_by_node[:, n*E/N : (n+1)*E/N].
+  experts_by_node = np.argsort(expert_node, axis=-1, kind="stable")
+
+  active = np.arange(num_layers)
+  for _ in range(4 * num_replicas if max_rounds is None else max_rounds):
+    if active.size == 0:
+      break
+    improved, kind_is_swap, first, second = _best_moves(weight[active], phy2log[active], counts[active],
+                                                        replicas_on_gpu[active], experts_by_node[active], layout)
+    active = active[improved]
+    kind_is_swap, first, second = kind_is_swap[improved], first[improved], second[improved]
+
+    swaps = active[kind_is_swap]
+    slot_a, slot_b = first[kind_is_swap], second[kind_is_swap]
+    expert_a, expert_b = phy2log[swaps, slot_a], phy2log[swaps, slot_b]
+    gpu_a, gpu_b = slot_gpu[slot_a], slot_gpu[slot_b]
+    phy2log[swaps, slot_a], phy2log[swaps, slot_b] = expert_b, expert_a
+    np.add.at(replicas_on_gpu, (swaps, expert_a, gpu_a), -1)
+    np.add.at(replicas_on_gpu, (swaps, expert_a, gpu_b), 1)
+    np.add.at(replicas_on_gpu, (swaps, expert_b, gpu_b), -1)
+    np.add.at(replicas_on_gpu, (swaps, expert_b, gpu_a), 1)
+
+    moves = active[~kind_is_swap]
+    slot, new_expert = first[~kind_is_swap], second[~kind_is_swap]
+    old_expert = phy2log[moves, slot]
+    phy2log[moves, slot] = new_expert
+    np.add.at(counts, (moves, old_expert), -1)
+    np.add.at(counts, (moves, new_expert), 1)
+    np.add.at(replicas_on_gpu, (moves, old_expert, slot_gpu[slot]), -1)
+    np.add.at(replicas_on_gpu, (moves, new_expert, slot_gpu[slot]), 1)
+  return phy2log
+
+
+def _best_moves(weight, phy2log, counts, replicas_on_gpu, experts_by_node, layout: _Layout):
+  """Scores every candidate move of a batch of B layers and picks each layer's best.
+
+  Returns:
+    `(improved [B] bool, kind_is_swap [B] bool, first [B], second [B])`: for a swap the two
+    slots, for a move the slot and its new expert.
+  """
+  batch, num_replicas = phy2log.shape
+  rows = np.arange(batch)[:, None]
+  s, pn = layout.slots_per_gpu, layout.gpus_per_node
+
+  slot_load = np.take_along_axis(weight / counts, phy2log, axis=-1)
+  load = slot_load.reshape(batch, layout.num_gpus, s).sum(-1)
+  hot = load.argmax(-1)
+  node = hot // pn
+  hot_local = hot - node * pn
+  in_node = (np.arange(layout.num_gpus) // pn)[None, :] == node[:, None]
+  node_gpus = node[:, None] * pn + np.arange(pn)
+  node_load = np.take_along_axis(load, node_gpus, axis=-1)
+  outside_max = np.where(in_node, -np.inf, load).max(-1)
+  outside_sq = np.where(in_node, 0.0, load**2).sum(-1)
+  current_max = load.max(-1)
+  current_sq = outside_sq + (node_load**2).sum(-1)
+
+  hot_slots = hot[:, None] * s + np.arange(s)
+  node_slots = node[:, None] * layout.slots_per_node + np.arange(layout.slots_per_node)
+  node_slot_local = node_slots // s - node[:, None] * pn
+
+  # Swaps: (a on the hottest GPU) x (b anywhere in the node, on another GPU, lighter).
+  diff = slot_load[rows, hot_slots][:, :, None] - slot_load[rows, node_slots][:, None, :]
+  swap_ok = (diff > 0) & (node_slot_local[:, None, :] != hot_local[:, None, None])
+  swap_delta = diff[..., None] * (_one_hot(node_slot_local, pn)[:, None, :, :] - _one_hot(hot_local, pn)[:, None, None, :])
+  swap_delta = swap_delta.reshape(batch, -1, pn)
+  swap_ok = swap_ok.reshape(batch, -1)
+
+  # Moves (slot -> new expert). (i) a spare slot anywhere in the node to an expert on the hot
+  # GPU; (ii) a slot on the hot GPU to any expert of the node.
+  spare = np.take_along_axis(counts, phy2log[rows, node_slots], axis=-1) >= 2
+  pick = np.argsort(~spare, axis=-1, kind="stable")[:, :layout.spare_candidates]
+  spare_slots = np.take_along_axis(node_slots, pick, axis=-1)
+  node_experts = np.take_along_axis(
+      experts_by_node, node[:, None] * layout.experts_per_node + np.arange(layout.experts_per_node), axis=-1)
+  move_slot = np.concatenate([
+      np.broadcast_to(spare_slots[:, :, None], spare_slots.shape + (s,)).reshape(batch, -1),
+      np.broadcast_to(hot_slots[:, :, None], hot_slots.shape + (layout.experts_per_node,)).reshape(batch, -1),
+  ], axis=1)
+  move_expert = np.concatenate([
+      np.broadcast_to(phy2log[rows, hot_slots][:, None, :], (batch, spare_slots.shape[1], s)).reshape(batch, -1),
+      np.broadcast_to(node_experts[:, None, :], (batch, s, layout.experts_per_node)).reshape(batch, -1),
+  ], axis=1)
+  old_expert = phy2log[rows, move_slot]
+  count_old, count_new = counts[rows, old_expert], counts[rows, move_expert]
+  weight_old, weight_new = weight[rows, old_expert], weight[rows, move_expert]
+  move_ok = (count_old >= 2) & (move_expert != old_expert)
+  count_old_after = np.maximum(count_old - 1, 1)
+  rise_old = weight_old / count_old_after - weight_old / count_old
+  fall_new = weight_new / (count_new + 1) - weight_new / count_new
+  # The moved slot itself: it counted as a replica of old (now at the risen share), but holds new.
+  slot_fix = weight_new / (count_new + 1) - weight_old / count_old_after
+  node_replicas = np.take_along_axis(replicas_on_gpu, node_gpus[:, None, :], axis=2).astype(np.float64)
+  move_delta = (node_replicas[rows, old_expert] * rise_old[..., None]
+                + node_replicas[rows, move_expert] * fall_new[..., None]
+                + _one_hot(move_slot // s - node[:, None] * pn, pn) * slot_fix[..., None])
+
+  delta = np.concatenate([swap_delta, move_delta], axis=1)
+  ok = np.concatenate([swap_ok, move_ok], axis=1)
+  new_node = node_load[:, None, :] + delta
+  new_max = np.maximum(new_node.max(-1), outside_max[:, None])
+  new_sq = (new_node**2).sum(-1) + outside_sq[:, None]
+
+  lowers_max = ok & (new_max < (current_max * (1 - _TOLERANCE))[:, None])
+  keeps_max = ok & (new_max <= current_max[:, None])
+  best_lowering = np.argmin(np.where(lowers_max, new_max, np.inf), axis=-1)
+  best_flattening = np.argmin(np.where(keeps_max, new_sq, np.inf), axis=-1)
+  any_lowering = lowers_max.any(-1)
+  choice = np.where(any_lowering, best_lowering, best_flattening)
+  flattens = keeps_max[np.arange(batch), best_flattening] & (
+      new_sq[np.arange(batch), best_flattening] < current_sq * (1 - _TOLERANCE))
+  improved = any_lowering | flattens
+
+  num_swaps = swap_ok.shape[1]
+  kind_is_swap = choice < num_swaps
+  swap_index = np.minimum(choice, num_swaps - 1)
+  move_index = np.clip(choice - num_swaps, 0, move_slot.shape[1] - 1)
+  flat = np.arange(batch)
+  first = np.where(kind_is_swap, hot_slots[flat, swap_index // layout.slots_per_node], move_slot[flat, move_index])
+  second = np.where(kind_is_swap, node_slots[flat, swap_index % layout.slots_per_node], move_expert[flat, move_index])
+  return improved, kind_is_swap, first, second
