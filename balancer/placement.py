@@ -56,18 +56,20 @@ def apply_placement(expert_params, phy2log):
   return jax.tree.unflatten(treedef, [gather(leaf) for leaf in leaves])
 
 
-def select_replicas(topk_idx, log2phy, logcnt, *, token_offset=0) -> jax.Array:
+def select_replicas(topk_idx, log2phy, logcnt, *, offset=0) -> jax.Array:
   """Routes each (token, expert) pair to one physical replica of that expert.
 
-  Tokens take an expert's replicas round-robin by global token index, `(token_offset + t) %
-  logcnt[e]`, so each replica gets an equal share of the expert's tokens.
+  The pairs routed to expert e take its replicas round-robin in token order: the i-th such
+  pair goes to replica `(offset + i) % logcnt[e]`, so the replicas' token counts differ by at
+  most one. Jittable (a stable sort of the `T*K` ids).
 
   Args:
     topk_idx: `[T, K]` int logical expert ids; -1 = no expert.
     log2phy: `[E, maxcnt]` int, the slots of each expert, -1 padded (one layer of
       `rebalance_experts`' output).
     logcnt: `[E]` int, replicas per expert.
-    token_offset: int scalar, the global index of token 0 (for example this rank's first token).
+    offset: int scalar that shifts where the round-robin starts; give each EP rank its own
+      (its rank index, say) so ranks with few tokens do not all favour replica 0.
 
   Returns:
     `[T, K]` int32 physical slot ids; -1 where `topk_idx` is -1.
@@ -79,11 +81,16 @@ def select_replicas(topk_idx, log2phy, logcnt, *, token_offset=0) -> jax.Array:
     raise ValueError(f"log2phy must be [num_experts, maxcnt] (one layer), got shape {log2phy.shape}")
   if logcnt.shape != log2phy.shape[:1]:
     raise ValueError(f"logcnt must be [num_experts={log2phy.shape[0]}], got shape {logcnt.shape}")
+  num_experts = log2phy.shape[0]
   ids = concrete_or_none(topk_idx)
-  if ids is not None and ((ids < -1) | (ids >= log2phy.shape[0])).any():
-    raise ValueError(f"topk_idx holds expert ids outside [-1, {log2phy.shape[0]})")
-  expert = jnp.maximum(topk_idx, 0)
-  token = token_offset + jnp.arange(topk_idx.shape[0], dtype=jnp.int32)[:, None]
-  replica = token % jnp.maximum(logcnt[expert], 1)
+  if ids is not None and ((ids < -1) | (ids >= num_experts)).any():
+    raise ValueError(f"topk_idx holds expert ids outside [-1, {num_experts})")
+  flat = jnp.where(topk_idx >= 0, topk_idx, num_experts).reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  sorted_ids = flat[order]
+  rank_sorted = jnp.arange(flat.size) - jnp.searchsorted(sorted_ids, sorted_ids, side="left")
+  rank = jnp.zeros_like(flat).at[order].set(rank_sorted.astype(flat.dtype)).reshape(topk_idx.shape)
+  expert = jnp.minimum(jnp.maximum(topk_idx, 0), num_experts - 1)
+  replica = (offset + rank) % jnp.maximum(logcnt[expert], 1)
   slot = log2phy[expert, replica].astype(jnp.int32)
   return jnp.where(topk_idx >= 0, slot, -1)

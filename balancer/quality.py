@@ -75,12 +75,17 @@ def _ratio(loads: np.ndarray) -> np.ndarray:
 def unbalanced_baseline(weight, num_gpus: int) -> np.ndarray:
   """Balancedness with no redundant experts and the default layout: expert e on GPU `e*P // E`.
 
-  Needs `num_gpus` to divide the number of experts. Returns `[L]` float64.
+  Args:
+    weight: `[L, E]` int or float loads.
+    num_gpus: P; when it does not divide E, GPUs hold `floor` or `ceil` of E/P experts.
+
+  Returns:
+    `[L]` float64.
   """
-  weight = as_load_matrix(weight)
+  weight = as_load_matrix(weight).astype(np.float64)
   num_gpus = check_positive_int("num_gpus", num_gpus)
   num_layers, num_experts = weight.shape
-  if num_experts % num_gpus:
-    raise ValueError(f"{num_gpus=} must divide the number of experts, {num_experts}, for the default layout")
-  phy2log = np.broadcast_to(np.arange(num_experts), weight.shape)
-  return balancedness(weight, phy2log, np.ones_like(phy2log), num_gpus)
+  gpu_of_expert = np.arange(num_experts) * num_gpus // num_experts
+  loads = np.zeros((num_layers, num_gpus))
+  np.add.at(loads, (slice(None), gpu_of_expert), weight)
+  return _ratio(loads)

@@ -1,0 +1,74 @@
+"""ExpertLoad and count_expert_tokens, eager and under jit."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from balancer import ExpertLoad, count_expert_tokens
+
+
+def test_count_expert_tokens_matches_bincount_and_skips_minus_one():
+  rng = np.random.default_rng(0)
+  topk_idx = rng.integers(-1, 6, size=(3, 50, 4))
+  expected = np.stack([np.bincount(layer[layer >= 0], minlength=6) for layer in topk_idx])
+  np.testing.assert_array_equal(count_expert_tokens(topk_idx, 6), expected)
+  np.testing.assert_array_equal(jax.jit(count_expert_tokens, static_argnums=1)(topk_idx, 6), expected)
+  np.testing.assert_array_equal(count_expert_tokens(topk_idx[0], 6), expected[0])
+
+
+def test_count_expert_tokens_rejects_ids_out_of_range():
+  with pytest.raises(ValueError, match="topk_idx has 1 ids outside"):
+    count_expert_tokens(np.array([[0, 6]]), 6)
+  with pytest.raises(ValueError, match="topk_idx must be an int"):
+    count_expert_tokens(np.array([0.0, 1.0]), 6)
+
+
+def test_window_is_the_mean_of_the_last_steps_and_wraps():
+  tracker = ExpertLoad.create(1, 3, window=2)
+  np.testing.assert_array_equal(tracker.loads(), [[0, 0, 0]])
+  update = jax.jit(ExpertLoad.update)
+  for step_counts in ([[3, 0, 0]], [[1, 1, 0]], [[0, 0, 5]]):
+    tracker = update(tracker, jnp.array(step_counts, jnp.int32))
+  np.testing.assert_allclose(tracker.loads(), [[0.5, 0.5, 2.5]])  # the first step fell out
+  assert int(tracker.num_updates) == 3
+
+
+def test_ema_is_bias_corrected():
+  tracker = ExpertLoad.create(2, 2, decay=0.9)
+  tracker = tracker.update(jnp.array([[10, 0], [4, 4]]))
+  np.testing.assert_allclose(tracker.loads(), [[10, 0], [4, 4]], rtol=1e-6)  # not 0.1x
+  for _ in range(50):
+    tracker = tracker.update(jnp.array([[0, 10], [4, 4]]))
+  np.testing.assert_allclose(tracker.loads()[1], [4, 4], rtol=1e-5)
+  assert tracker.loads()[0, 1] > 9.9 and tracker.loads()[0, 0] < 0.1
+
+
+def test_tracker_is_a_pytree_that_jit_carries_through_a_scan():
+  tracker = ExpertLoad.create(2, 4, window=3)
+  counts = jnp.arange(5 * 2 * 4, dtype=jnp.int32).reshape(5, 2, 4)
+
+  @jax.jit
+  def run(tracker, counts):
+    return jax.lax.scan(lambda t, c: (t.update(c), None), tracker, counts)[0]
+
+  np.testing.assert_allclose(run(tracker, counts).loads(), np.asarray(counts[2:]).mean(0))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(), "exactly one of decay"),
+    (dict(decay=0.9, window=4), "exactly one of decay"),
+    (dict(decay=1.0), "decay must lie in"),
+    (dict(window=0), "window must be a positive integer"),
+])
+def test_create_rejects_bad_settings(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    ExpertLoad.create(2, 4, **kwargs)
+
+
+def test_update_rejects_wrong_shape_or_dtype():
+  tracker = ExpertLoad.create(2, 4, window=2)
+  with pytest.raises(ValueError, match="counts must be int"):
+    tracker.update(jnp.zeros((4, 2), jnp.int32))
+  with pytest.raises(ValueError, match="counts must be int"):
+    tracker.update(jnp.zeros((2, 4), jnp.float32))
