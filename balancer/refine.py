@@ -23,6 +23,8 @@ import numpy as np
 
 # Relative improvement a move must bring, so float noise cannot make the search cycle.
 _TOLERANCE = 1e-9
+# Move (ii) considers this many of the node's experts as new owners of a hot slot.
+_LIGHT_TARGETS = 32
 
 
 class _Layout(NamedTuple):
@@ -120,7 +122,6 @@ def _best_moves(weight, phy2log, counts, replicas_on_gpu, experts_by_node, layou
   load = slot_load.reshape(batch, layout.num_gpus, s).sum(-1)
   hot = load.argmax(-1)
   node = hot // pn
-  hot_local = hot - node * pn
   in_node = (np.arange(layout.num_gpus) // pn)[None, :] == node[:, None]
   node_gpus = node[:, None] * pn + np.arange(pn)
   node_load = np.take_along_axis(load, node_gpus, axis=-1)
@@ -131,29 +132,46 @@ def _best_moves(weight, phy2log, counts, replicas_on_gpu, experts_by_node, layou
 
   hot_slots = hot[:, None] * s + np.arange(s)
   node_slots = node[:, None] * layout.slots_per_node + np.arange(layout.slots_per_node)
-  node_slot_local = node_slots // s - node[:, None] * pn
 
-  # Swaps: (a on the hottest GPU) x (b anywhere in the node, on another GPU, lighter).
+  # Swaps: (a on the hottest GPU) x (b anywhere in the node, on another GPU, lighter). Only two
+  # GPUs change, so each swap is scored from scalars: the hottest loses `diff`, b's GPU gains it,
+  # and every other GPU stays, the highest of them being the 2nd or 3rd hottest overall.
   diff = slot_load[rows, hot_slots][:, :, None] - slot_load[rows, node_slots][:, None, :]
-  swap_ok = (diff > 0) & (node_slot_local[:, None, :] != hot_local[:, None, None])
-  swap_delta = diff[..., None] * (_one_hot(node_slot_local, pn)[:, None, :, :] - _one_hot(hot_local, pn)[:, None, None, :])
-  swap_delta = swap_delta.reshape(batch, -1, pn)
-  swap_ok = swap_ok.reshape(batch, -1)
+  other_gpu = node_slots // s
+  swap_ok = ((diff > 0) & (other_gpu != hot[:, None])[:, None, :]).reshape(batch, -1)
+  padded = np.concatenate([load, np.full((batch, 2), -np.inf)], -1)  # P may be below 3
+  top = np.argsort(-padded, axis=-1, kind="stable")[:, 1:3]
+  top_load = np.take_along_axis(padded, top, -1)
+  untouched_max = np.where(other_gpu == top[:, :1], top_load[:, 1:2], top_load[:, :1])
+  other_load = np.take_along_axis(load, other_gpu, -1)
+  new_hot = current_max[:, None, None] - diff
+  new_other = other_load[:, None, :] + diff
+  swap_max = np.maximum(np.maximum(new_hot, new_other), untouched_max[:, None, :]).reshape(batch, -1)
+  swap_sq = (current_sq[:, None, None] - current_max[:, None, None]**2 - other_load[:, None, :]**2
+             + new_hot**2 + new_other**2).reshape(batch, -1)
 
   # Moves (slot -> new expert). (i) a spare slot anywhere in the node to an expert on the hot
-  # GPU; (ii) a slot on the hot GPU to any expert of the node.
+  # GPU; (ii) a slot on the hot GPU to an expert on the hot GPU, or to one of the node's
+  # experts whose share would be smallest after gaining a replica (the rest rarely win and
+  # would dominate the cost on large nodes).
   spare = np.take_along_axis(counts, phy2log[rows, node_slots], axis=-1) >= 2
   pick = np.argsort(~spare, axis=-1, kind="stable")[:, :layout.spare_candidates]
   spare_slots = np.take_along_axis(node_slots, pick, axis=-1)
+  hot_experts = phy2log[rows, hot_slots]
   node_experts = np.take_along_axis(
       experts_by_node, node[:, None] * layout.experts_per_node + np.arange(layout.experts_per_node), axis=-1)
+  if node_experts.shape[1] > _LIGHT_TARGETS:
+    share_after = np.take_along_axis(weight / (counts + 1), node_experts, axis=-1)
+    lightest = np.argsort(share_after, axis=-1, kind="stable")[:, :_LIGHT_TARGETS]
+    node_experts = np.take_along_axis(node_experts, lightest, axis=-1)
+  targets = np.concatenate([hot_experts, node_experts], axis=1)
   move_slot = np.concatenate([
       np.broadcast_to(spare_slots[:, :, None], spare_slots.shape + (s,)).reshape(batch, -1),
-      np.broadcast_to(hot_slots[:, :, None], hot_slots.shape + (layout.experts_per_node,)).reshape(batch, -1),
+      np.broadcast_to(hot_slots[:, :, None], hot_slots.shape + (targets.shape[1],)).reshape(batch, -1),
   ], axis=1)
   move_expert = np.concatenate([
-      np.broadcast_to(phy2log[rows, hot_slots][:, None, :], (batch, spare_slots.shape[1], s)).reshape(batch, -1),
-      np.broadcast_to(node_experts[:, None, :], (batch, s, layout.experts_per_node)).reshape(batch, -1),
+      np.broadcast_to(hot_experts[:, None, :], (batch, spare_slots.shape[1], s)).reshape(batch, -1),
+      np.broadcast_to(targets[:, None, :], (batch, s, targets.shape[1])).reshape(batch, -1),
   ], axis=1)
   old_expert = phy2log[rows, move_slot]
   count_old, count_new = counts[rows, old_expert], counts[rows, move_expert]
@@ -169,11 +187,10 @@ def _best_moves(weight, phy2log, counts, replicas_on_gpu, experts_by_node, layou
                 + node_replicas[rows, move_expert] * fall_new[..., None]
                 + _one_hot(move_slot // s - node[:, None] * pn, pn) * slot_fix[..., None])
 
-  delta = np.concatenate([swap_delta, move_delta], axis=1)
+  new_node = node_load[:, None, :] + move_delta
   ok = np.concatenate([swap_ok, move_ok], axis=1)
-  new_node = node_load[:, None, :] + delta
-  new_max = np.maximum(new_node.max(-1), outside_max[:, None])
-  new_sq = (new_node**2).sum(-1) + outside_sq[:, None]
+  new_max = np.concatenate([swap_max, np.maximum(new_node.max(-1), outside_max[:, None])], axis=1)
+  new_sq = np.concatenate([swap_sq, (new_node**2).sum(-1) + outside_sq[:, None]], axis=1)
 
   lowers_max = ok & (new_max < (current_max * (1 - _TOLERANCE))[:, None])
   keeps_max = ok & (new_max <= current_max[:, None])

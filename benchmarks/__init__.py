@@ -1,0 +1,1 @@
+"""CPU and GPU benchmarks. `python -m benchmarks` runs every suite and prints one table."""
