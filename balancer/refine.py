@@ -24,7 +24,7 @@ import numpy as np
 # Relative improvement a move must bring, so float noise cannot make the search cycle.
 _TOLERANCE = 1e-9
 # Move (ii) considers this many of the node's experts as new owners of a hot slot.
-_LIGHT_TARGETS = 32
+_LIGHT_TARGETS = 64
 
 
 class _Layout(NamedTuple):

@@ -1,0 +1,29 @@
+"""`python -m benchmarks`: every suite, one table, results appended under benchmarks/results/.
+
+Suites so far: balancer (CPU, numpy). GPU suites join here as their issues land.
+"""
+
+import sys
+
+from absl import app
+
+from benchmarks import bench_balancer
+from benchmarks.harness import append_results, format_table
+
+SUITES = {"balancer": bench_balancer.run}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  rows = []
+  for name, run in SUITES.items():
+    suite_rows = run()
+    append_results(name, suite_rows, command="python -m benchmarks")
+    rows += suite_rows
+  columns = sorted({key for row in rows for key in row} - {"suite", "case"}, key=str)
+  print(format_table(rows, ["suite", "case", *columns]))
+
+
+if __name__ == "__main__":
+  app.run(main)
