@@ -77,9 +77,10 @@ def check_invariants(weight, phy2log, log2phy, logcnt, num_replicas, num_groups,
       count = logcnt[layer, expert]
       assert (slots[count:] == -1).all()
       assert sorted(slots[:count]) == sorted(np.flatnonzero(phy2log[layer] == expert))
-  # Slots per GPU: GPU g owns [g*R/P, (g+1)*R/P); every slot holds exactly one expert.
-  slots_per_gpu = num_replicas // num_gpus
-  assert phy2log.reshape(num_layers, num_gpus, slots_per_gpu).shape[-1] * num_gpus == num_replicas
+  # GPU g owns slots [g*R/P, (g+1)*R/P): the GPUs' loads partition each layer's load exactly.
+  loads = gpu_loads(weight, phy2log, logcnt, num_gpus)
+  assert loads.shape == (num_layers, num_gpus)
+  np.testing.assert_allclose(loads.sum(-1), np.asarray(weight, np.float64).sum(-1), rtol=1e-9)
   if num_groups % num_nodes == 0:
     group_size = num_experts // num_groups
     slot_node = np.arange(num_replicas) // (num_replicas // num_nodes)
