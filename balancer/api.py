@@ -52,6 +52,8 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
   """
   weight, num_replicas, num_groups, num_nodes, num_gpus = check_rebalance_args(
       weight, num_replicas, num_groups, num_nodes, num_gpus)
+  if not isinstance(refine, (bool, np.bool_)):
+    raise ValueError(f"refine must be a bool, got {refine!r}")
   if num_groups % num_nodes:
     num_groups, num_nodes = 1, 1
   placement = rebalance_hierarchical(weight, num_replicas, num_groups, num_nodes, num_gpus)

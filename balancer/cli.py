@@ -47,12 +47,12 @@ def read_loads(path: str) -> np.ndarray:
   file = pathlib.Path(path)
   if not file.is_file():
     raise ValueError(f"loads file {path!r} does not exist")
-  if file.suffix == ".npy":
-    data = np.load(file, allow_pickle=False)
-  elif file.suffix == ".json":
-    data = json.loads(file.read_text())
-  else:
+  if file.suffix not in (".npy", ".json"):
     raise ValueError(f"loads file {path!r} must end in .npy or .json")
+  try:
+    data = np.load(file, allow_pickle=False) if file.suffix == ".npy" else json.loads(file.read_text())
+  except (OSError, EOFError, ValueError) as err:
+    raise ValueError(f"loads file {path!r} could not be read: {err}") from None
   return as_load_matrix(data, name=f"loads in {path}")
 
 
@@ -67,6 +67,10 @@ def placement_report(weight, cluster: Cluster, *, refine: bool = True, show_laye
   """
   weight = as_load_matrix(weight)
   show_layers = max(0, min(int(show_layers), weight.shape[0]))
+  if output:
+    output = output if output.endswith(".npz") else output + ".npz"
+    if not pathlib.Path(output).absolute().parent.is_dir():
+      raise ValueError(f"output {output!r}: its directory does not exist")
   c = cluster
   args = (weight, c.num_replicas, c.num_groups, c.num_nodes, c.num_gpus)
   start = time.perf_counter()
@@ -102,7 +106,6 @@ def placement_report(weight, cluster: Cluster, *, refine: bool = True, show_laye
       names = " ".join(f"{e}{'*' if logcnt[layer, e] > 1 else ''}" for e in experts)
       lines.append(f"  node {gpu // gpus_per_node} GPU {gpu:3d}: {names:<{6 * slots_per_gpu}} {loads[layer, gpu]:.1f}")
   if output:
-    output = output if output.endswith(".npz") else output + ".npz"
     np.savez(output, phy2log=phy2log, log2phy=log2phy, logcnt=logcnt)
     lines.append(f"saved phy2log {phy2log.shape}, log2phy {log2phy.shape}, logcnt {logcnt.shape} to {output}")
   return "\n".join(lines)

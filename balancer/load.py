@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from balancer.validation import check_positive_int, concrete_or_none
+from balancer.validation import checked_int_array, check_positive_int
 
 
 def count_expert_tokens(topk_idx: jax.Array, num_experts: int) -> jax.Array:
@@ -24,16 +26,11 @@ def count_expert_tokens(topk_idx: jax.Array, num_experts: int) -> jax.Array:
     `ExpertLoad.update` takes).
   """
   num_experts = check_positive_int("num_experts", num_experts)
-  topk_idx = jnp.asarray(topk_idx)
-  if topk_idx.ndim < 2 or not jnp.issubdtype(topk_idx.dtype, jnp.integer):
-    raise ValueError(f"topk_idx must be an int [..., num_tokens, num_topk] array, got {topk_idx.dtype} {topk_idx.shape}")
-  ids = concrete_or_none(topk_idx)
-  if ids is not None:
-    bad = (ids < -1) | (ids >= num_experts)
-    if bad.any():
-      raise ValueError(f"topk_idx has {int(bad.sum())} ids outside [-1, {num_experts}), e.g. {int(ids[bad][0])}")
+  topk_idx, _ = checked_int_array("topk_idx", topk_idx, min_value=-1, max_value=num_experts - 1)
+  if topk_idx.ndim < 2:
+    raise ValueError(f"topk_idx must be [..., num_tokens, num_topk], got shape {topk_idx.shape}")
   batch_shape = topk_idx.shape[:-2]
-  flat = topk_idx.reshape((-1, topk_idx.shape[-2] * topk_idx.shape[-1]))
+  flat = topk_idx.reshape((math.prod(batch_shape), topk_idx.shape[-2] * topk_idx.shape[-1]))
   # Every invalid id (including -1) lands in an extra bucket that is cut off.
   bucket = jnp.where((flat >= 0) & (flat < num_experts), flat, num_experts)
   counts = jax.vmap(lambda ids: jnp.zeros(num_experts + 1, jnp.int32).at[ids].add(1))(bucket)
@@ -77,8 +74,13 @@ class ExpertLoad:
     num_experts = check_positive_int("num_experts", num_experts)
     if (decay is None) == (window is None):
       raise ValueError(f"give exactly one of decay (EMA) or window (sliding window), got {decay=}, {window=}")
-    if decay is not None and not 0.0 < float(decay) < 1.0:
-      raise ValueError(f"decay must lie in (0, 1), got {decay}")
+    if decay is not None:
+      try:
+        decay = float(decay)
+      except (TypeError, ValueError):
+        raise ValueError(f"decay must be a float in (0, 1), got {decay!r}") from None
+      if not 0.0 < decay < 1.0:
+        raise ValueError(f"decay must lie in (0, 1), got {decay}")
     num_slots = 0 if window is None else check_positive_int("window", window)
     return cls(ema=jnp.zeros((num_layers, num_experts), jnp.float32),
                history=jnp.zeros((num_slots, num_layers, num_experts), jnp.int32),
@@ -91,9 +93,13 @@ class ExpertLoad:
     return tuple(self.ema.shape)
 
   def update(self, counts: jax.Array) -> "ExpertLoad":
-    """Adds one step's `[L, E]` int token counts; returns the new tracker."""
-    if tuple(counts.shape) != self.shape or not jnp.issubdtype(counts.dtype, jnp.integer):
-      raise ValueError(f"counts must be int {self.shape} (num_layers, num_experts), got {counts.dtype} {counts.shape}")
+    """Adds one step's `[L, E]` int token counts (each in [0, 2**31)); returns the new tracker.
+
+    Concrete counts are range-checked; traced ones cannot be and must not be negative.
+    """
+    counts, _ = checked_int_array("counts", counts, min_value=0)
+    if tuple(counts.shape) != self.shape:
+      raise ValueError(f"counts must be [num_layers, num_experts] = {self.shape}, got shape {counts.shape}")
     counts = counts.astype(jnp.int32)
     if self.decay is not None:
       ema = self.decay * self.ema + (1.0 - self.decay) * counts.astype(jnp.float32)

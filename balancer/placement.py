@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from balancer.validation import concrete_or_none
+from balancer.validation import checked_int_array
 
 
 def apply_placement(expert_params, phy2log):
@@ -23,32 +23,31 @@ def apply_placement(expert_params, phy2log):
     The same pytree with `[R, ...]` (or `[L, R, ...]`) leaves: slot s holds a copy of the
     weights of expert `phy2log[s]`.
   """
-  index_ndim = np.ndim(phy2log)
-  if index_ndim not in (1, 2) or not jnp.issubdtype(jnp.result_type(phy2log), jnp.integer):
-    raise ValueError(f"phy2log must be an int [num_replicas] or [num_layers, num_replicas] array, "
-                     f"got {jnp.result_type(phy2log)} with shape {np.shape(phy2log)}")
   leaves, treedef = jax.tree.flatten(expert_params)
   if not leaves:
     raise ValueError("expert_params has no array leaves")
+  phy2log_array, ids = checked_int_array("phy2log", phy2log, min_value=0)
+  index_ndim = phy2log_array.ndim
+  if index_ndim not in (1, 2):
+    raise ValueError(f"phy2log must be [num_replicas] or [num_layers, num_replicas], got shape {phy2log_array.shape}")
   expert_axis = index_ndim - 1
   num_experts = None
   for path, leaf in jax.tree_util.tree_flatten_with_path(expert_params)[0]:
     shape = np.shape(leaf)
     name = jax.tree_util.keystr(path) or "leaf"
-    if len(shape) <= expert_axis or (index_ndim == 2 and shape[0] != np.shape(phy2log)[0]):
-      raise ValueError(f"expert_params{name} has shape {shape}; with phy2log of shape {np.shape(phy2log)} "
+    if len(shape) <= expert_axis or (index_ndim == 2 and shape[0] != phy2log_array.shape[0]):
+      raise ValueError(f"expert_params{name} has shape {shape}; with phy2log of shape {phy2log_array.shape} "
                        f"every leaf needs a leading {'[L, E]' if index_ndim == 2 else '[E]'} axis")
     if num_experts is None:
       num_experts = shape[expert_axis]
     elif shape[expert_axis] != num_experts:
       raise ValueError(f"expert_params{name} has {shape[expert_axis]} experts, other leaves {num_experts}")
-  ids = concrete_or_none(phy2log)
-  if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= num_experts):
+  if ids is not None and ids.size and ids.max() >= num_experts:
     raise ValueError(f"phy2log holds expert ids outside [0, {num_experts})")
 
   def gather(leaf):
     xp = np if isinstance(leaf, np.ndarray) and ids is not None else jnp
-    index = ids if xp is np else phy2log
+    index = ids if xp is np else phy2log_array
     if index_ndim == 1:
       return leaf[index]
     return leaf[xp.arange(leaf.shape[0])[:, None], index]
@@ -68,23 +67,29 @@ def select_replicas(topk_idx, log2phy, logcnt, *, offset=0) -> jax.Array:
     log2phy: `[E, maxcnt]` int, the slots of each expert, -1 padded (one layer of
       `rebalance_experts`' output).
     logcnt: `[E]` int, replicas per expert.
-    offset: int scalar that shifts where the round-robin starts; give each EP rank its own
-      (its rank index, say) so ranks with few tokens do not all favour replica 0.
+    offset: non-negative int scalar that shifts where the round-robin starts; give each EP
+      rank its own (its rank index, say) so ranks with few tokens do not all favour replica 0.
 
   Returns:
     `[T, K]` int32 physical slot ids; -1 where `topk_idx` is -1.
   """
-  topk_idx, log2phy, logcnt = jnp.asarray(topk_idx), jnp.asarray(log2phy), jnp.asarray(logcnt)
-  if topk_idx.ndim != 2 or not jnp.issubdtype(topk_idx.dtype, jnp.integer):
-    raise ValueError(f"topk_idx must be int [num_tokens, num_topk], got {topk_idx.dtype} {topk_idx.shape}")
+  log2phy, slots = checked_int_array("log2phy", log2phy, min_value=-1)
   if log2phy.ndim != 2:
     raise ValueError(f"log2phy must be [num_experts, maxcnt] (one layer), got shape {log2phy.shape}")
-  if logcnt.shape != log2phy.shape[:1]:
-    raise ValueError(f"logcnt must be [num_experts={log2phy.shape[0]}], got shape {logcnt.shape}")
-  num_experts = log2phy.shape[0]
-  ids = concrete_or_none(topk_idx)
-  if ids is not None and ((ids < -1) | (ids >= num_experts)).any():
-    raise ValueError(f"topk_idx holds expert ids outside [-1, {num_experts})")
+  num_experts, max_count = log2phy.shape
+  logcnt, counts = checked_int_array("logcnt", logcnt, min_value=1, max_value=max_count)
+  if logcnt.shape != (num_experts,):
+    raise ValueError(f"logcnt must be [num_experts={num_experts}], got shape {logcnt.shape}")
+  if slots is not None and counts is not None:
+    listed = np.arange(max_count)[None, :] < counts[:, None]
+    if (slots[listed] < 0).any():
+      raise ValueError("log2phy has -1 among the first logcnt[e] slots of some expert; they disagree")
+  topk_idx, _ = checked_int_array("topk_idx", topk_idx, min_value=-1, max_value=num_experts - 1)
+  if topk_idx.ndim != 2:
+    raise ValueError(f"topk_idx must be [num_tokens, num_topk], got shape {topk_idx.shape}")
+  offset, _ = checked_int_array("offset", offset, min_value=0)
+  if offset.ndim != 0:
+    raise ValueError(f"offset must be an int scalar, got shape {offset.shape}")
   flat = jnp.where(topk_idx >= 0, topk_idx, num_experts).reshape(-1)
   order = jnp.argsort(flat, stable=True)
   sorted_ids = flat[order]

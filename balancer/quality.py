@@ -24,6 +24,10 @@ def _check_placement(weight, phy2log, logcnt, num_gpus):
     raise ValueError(f"phy2log holds expert ids outside [0, {num_experts})")
   counted = np.zeros((num_layers, num_experts), np.int64)
   np.add.at(counted, (np.arange(num_layers)[:, None], phy2log), 1)
+  if (counted == 0).any():
+    layer, expert = (int(i) for i in np.argwhere(counted == 0)[0])
+    raise ValueError(f"phy2log gives {int((counted == 0).sum())} experts no replica, e.g. expert {expert} "
+                     f"in layer {layer}; its load would go nowhere")
   if not np.array_equal(counted, logcnt):
     layer = int(np.argwhere((counted != logcnt).any(-1))[0, 0])
     raise ValueError(f"logcnt disagrees with the replicas counted in phy2log (first at layer {layer})")

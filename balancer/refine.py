@@ -27,7 +27,7 @@ _TOLERANCE = 1e-9
 _LIGHT_TARGETS = 64
 
 
-class _Layout(NamedTuple):
+class Layout(NamedTuple):
   num_gpus: int  # P
   num_nodes: int  # N
   slots_per_gpu: int  # R / P
@@ -62,7 +62,7 @@ def refine_placement(weight: np.ndarray, phy2log: np.ndarray, expert_node: np.nd
   num_replicas = phy2log.shape[1]
   slots_per_node = num_replicas // num_nodes
   experts_per_node = num_experts // num_nodes
-  layout = _Layout(num_gpus=num_gpus, num_nodes=num_nodes, slots_per_gpu=num_replicas // num_gpus,
+  layout = Layout(num_gpus=num_gpus, num_nodes=num_nodes, slots_per_gpu=num_replicas // num_gpus,
                    gpus_per_node=num_gpus // num_nodes, slots_per_node=slots_per_node,
                    experts_per_node=experts_per_node,
                    spare_candidates=min(slots_per_node, 2 * (slots_per_node - experts_per_node)))
@@ -81,8 +81,8 @@ def refine_placement(weight: np.ndarray, phy2log: np.ndarray, expert_node: np.nd
   for _ in range(4 * num_replicas if max_rounds is None else max_rounds):
     if active.size == 0:
       break
-    improved, kind_is_swap, first, second = _best_moves(weight[active], phy2log[active], counts[active],
-                                                        replicas_on_gpu[active], experts_by_node[active], layout)
+    improved, kind_is_swap, first, second = _choose(score_candidates(
+        weight[active], phy2log[active], counts[active], replicas_on_gpu[active], experts_by_node[active], layout))
     active = active[improved]
     kind_is_swap, first, second = kind_is_swap[improved], first[improved], second[improved]
 
@@ -107,12 +107,56 @@ def refine_placement(weight: np.ndarray, phy2log: np.ndarray, expert_node: np.nd
   return phy2log
 
 
-def _best_moves(weight, phy2log, counts, replicas_on_gpu, experts_by_node, layout: _Layout):
-  """Scores every candidate move of a batch of B layers and picks each layer's best.
+class Candidates(NamedTuple):
+  """Every candidate move of a batch of B layers, C per layer, with the GPU loads it would give.
+
+  Attributes:
+    is_swap: `[B, C]` bool; a swap trades slots `first` and `second`, a move hands slot
+      `first` to expert `second`.
+    first, second: `[B, C]` int64.
+    ok: `[B, C]` bool, whether the move is allowed (and not a no-op).
+    new_max, new_sq: `[B, C]` float64, the maximum and the sum of squares of the GPU loads
+      after the move.
+    current_max, current_sq: `[B]` float64, the same before it.
+  """
+
+  is_swap: np.ndarray
+  first: np.ndarray
+  second: np.ndarray
+  ok: np.ndarray
+  new_max: np.ndarray
+  new_sq: np.ndarray
+  current_max: np.ndarray
+  current_sq: np.ndarray
+
+
+def _choose(c: Candidates):
+  """Each layer's best candidate: the lowest new maximum if any lowers it, else the lowest sum
+  of squares among those that keep it.
 
   Returns:
-    `(improved [B] bool, kind_is_swap [B] bool, first [B], second [B])`: for a swap the two
-    slots, for a move the slot and its new expert.
+    `(improved [B] bool, is_swap [B] bool, first [B], second [B])`.
+  """
+  batch = c.ok.shape[0]
+  lowers_max = c.ok & (c.new_max < (c.current_max * (1 - _TOLERANCE))[:, None])
+  keeps_max = c.ok & (c.new_max <= c.current_max[:, None])
+  best_lowering = np.argmin(np.where(lowers_max, c.new_max, np.inf), axis=-1)
+  best_flattening = np.argmin(np.where(keeps_max, c.new_sq, np.inf), axis=-1)
+  any_lowering = lowers_max.any(-1)
+  choice = np.where(any_lowering, best_lowering, best_flattening)
+  flat = np.arange(batch)
+  flattens = keeps_max[flat, best_flattening] & (c.new_sq[flat, best_flattening] < c.current_sq * (1 - _TOLERANCE))
+  return any_lowering | flattens, c.is_swap[flat, choice], c.first[flat, choice], c.second[flat, choice]
+
+
+def score_candidates(weight, phy2log, counts, replicas_on_gpu, experts_by_node, layout: Layout) -> Candidates:
+  """Lists and scores the candidate moves around each layer's hottest GPU.
+
+  Args:
+    weight: `[B, E]` float64 loads.
+    phy2log: `[B, R]` int64 placement; counts `[B, E]` int64 replicas per expert;
+      replicas_on_gpu `[B, E, P]` int64; experts_by_node `[B, E]` int64 (see refine_placement).
+    layout: the cluster's sizes.
   """
   batch, num_replicas = phy2log.shape
   rows = np.arange(batch)[:, None]
@@ -188,25 +232,14 @@ def _best_moves(weight, phy2log, counts, replicas_on_gpu, experts_by_node, layou
                 + _one_hot(move_slot // s - node[:, None] * pn, pn) * slot_fix[..., None])
 
   new_node = node_load[:, None, :] + move_delta
-  ok = np.concatenate([swap_ok, move_ok], axis=1)
-  new_max = np.concatenate([swap_max, np.maximum(new_node.max(-1), outside_max[:, None])], axis=1)
-  new_sq = np.concatenate([swap_sq, (new_node**2).sum(-1) + outside_sq[:, None]], axis=1)
-
-  lowers_max = ok & (new_max < (current_max * (1 - _TOLERANCE))[:, None])
-  keeps_max = ok & (new_max <= current_max[:, None])
-  best_lowering = np.argmin(np.where(lowers_max, new_max, np.inf), axis=-1)
-  best_flattening = np.argmin(np.where(keeps_max, new_sq, np.inf), axis=-1)
-  any_lowering = lowers_max.any(-1)
-  choice = np.where(any_lowering, best_lowering, best_flattening)
-  flattens = keeps_max[np.arange(batch), best_flattening] & (
-      new_sq[np.arange(batch), best_flattening] < current_sq * (1 - _TOLERANCE))
-  improved = any_lowering | flattens
-
-  num_swaps = swap_ok.shape[1]
-  kind_is_swap = choice < num_swaps
-  swap_index = np.minimum(choice, num_swaps - 1)
-  move_index = np.clip(choice - num_swaps, 0, move_slot.shape[1] - 1)
-  flat = np.arange(batch)
-  first = np.where(kind_is_swap, hot_slots[flat, swap_index // layout.slots_per_node], move_slot[flat, move_index])
-  second = np.where(kind_is_swap, node_slots[flat, swap_index % layout.slots_per_node], move_expert[flat, move_index])
-  return improved, kind_is_swap, first, second
+  swap_shape = (batch, s, layout.slots_per_node)
+  return Candidates(
+      is_swap=np.concatenate([np.ones(swap_ok.shape, bool), np.zeros(move_ok.shape, bool)], axis=1),
+      first=np.concatenate([np.broadcast_to(hot_slots[:, :, None], swap_shape).reshape(batch, -1), move_slot], axis=1),
+      second=np.concatenate([np.broadcast_to(node_slots[:, None, :], swap_shape).reshape(batch, -1), move_expert],
+                            axis=1),
+      ok=np.concatenate([swap_ok, move_ok], axis=1),
+      new_max=np.concatenate([swap_max, np.maximum(new_node.max(-1), outside_max[:, None])], axis=1),
+      new_sq=np.concatenate([swap_sq, (new_node**2).sum(-1) + outside_sq[:, None]], axis=1),
+      current_max=current_max,
+      current_sq=current_sq)

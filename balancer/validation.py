@@ -68,6 +68,8 @@ def check_rebalance_args(weight, num_replicas, num_groups, num_nodes, num_gpus):
   num_nodes = check_positive_int("num_nodes", num_nodes)
   num_gpus = check_positive_int("num_gpus", num_gpus)
   num_experts = weight.shape[1]
+  if num_replicas > _INT32_MAX:
+    raise ValueError(f"{num_replicas=} exceeds the int32 slot ids that routing uses")
   if num_replicas % num_gpus:
     raise ValueError(f"{num_replicas=} must be a multiple of {num_gpus=}")
   if num_replicas < num_experts:
@@ -87,3 +89,35 @@ def concrete_or_none(x) -> np.ndarray | None:
     return np.asarray(x)
   except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
     return None
+
+
+_INT32_MAX = int(np.iinfo(np.int32).max)
+
+
+def checked_int_array(name: str, x, *, min_value: int | None = None, max_value: int = _INT32_MAX):
+  """Checks an int array argument of a jittable function, then hands it to jax.
+
+  The dtype is always checked; the range only when the value is concrete (not while traced).
+  The range is checked on the caller's values before any int32 conversion, so an int64 id
+  past int32 cannot wrap into a valid-looking one.
+
+  Returns:
+    `(array, values)`: `x` as a jax array, and its numpy values (None while traced).
+  """
+  import jax.numpy as jnp
+
+  try:
+    values = concrete_or_none(x)
+  except ValueError as err:  # ragged nested lists
+    raise ValueError(f"{name} must be a rectangular int array: {err}") from None
+  if values is None:
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+      raise ValueError(f"{name} must be an int array, got dtype {x.dtype}")
+    return x, None
+  if values.dtype.kind not in "iu":
+    raise ValueError(f"{name} must be an int array, got dtype {values.dtype}")
+  if values.size and min_value is not None and values.min() < min_value:
+    raise ValueError(f"{name} holds {int((values < min_value).sum())} values below {min_value}, e.g. {int(values.min())}")
+  if values.size and values.max() > max_value:
+    raise ValueError(f"{name} holds {int((values > max_value).sum())} values above {max_value}, e.g. {int(values.max())}")
+  return jnp.asarray(values), values

@@ -49,8 +49,14 @@ def test_demo_is_deepseek_v3_sized():
     (("--demo", "extra"), "unexpected arguments"),
     (("--loads", "/nonexistent.npy"), "does not exist"),
     (("--demo", "--gpus=7"), "num_replicas=288 must be a multiple of num_gpus=7"),
+    (("--demo", "--output=/nonexistent/dir/x"), "its directory does not exist"),
+    (("--loads", "{empty}"), "could not be read"),
+    (("--loads", "{text}"), "must end in .npy or .json"),
 ])
-def test_bad_usage_fails_with_a_message(args, message):
+def test_bad_usage_fails_with_a_message(tmp_path, args, message):
+  (tmp_path / "empty.npy").write_bytes(b"")
+  (tmp_path / "loads.txt").write_text("1 2 3")
+  args = [a.format(empty=tmp_path / "empty.npy", text=tmp_path / "loads.txt") for a in args]
   result = run_cli(*args)
   assert result.returncode != 0
   assert message in result.stderr

@@ -17,11 +17,21 @@ def test_count_expert_tokens_matches_bincount_and_skips_minus_one():
   np.testing.assert_array_equal(count_expert_tokens(topk_idx[0], 6), expected[0])
 
 
-def test_count_expert_tokens_rejects_ids_out_of_range():
-  with pytest.raises(ValueError, match="topk_idx has 1 ids outside"):
-    count_expert_tokens(np.array([[0, 6]]), 6)
-  with pytest.raises(ValueError, match="topk_idx must be an int"):
-    count_expert_tokens(np.array([0.0, 1.0]), 6)
+@pytest.mark.parametrize("shape", [(3, 0, 2), (0, 2), (3, 5, 0)])
+def test_count_expert_tokens_with_no_tokens_is_zeros(shape):
+  np.testing.assert_array_equal(count_expert_tokens(np.zeros(shape, np.int32), 4), np.zeros(shape[:-2] + (4,)))
+
+
+@pytest.mark.parametrize("topk_idx,message", [
+    (np.array([[0, 6]]), "topk_idx holds 1 values above 5"),
+    (np.array([[0, -2]]), "topk_idx holds 1 values below -1"),
+    (np.array([[2**32 + 1, 0]]), "topk_idx holds 1 values above 5"),  # must not wrap to 1 in int32
+    (np.array([[0.0, 1.0]]), "topk_idx must be an int array"),
+    (np.array([0, 1]), "topk_idx must be \\[..., num_tokens, num_topk\\]"),
+])
+def test_count_expert_tokens_rejects_bad_ids(topk_idx, message):
+  with pytest.raises(ValueError, match=message):
+    count_expert_tokens(topk_idx, 6)
 
 
 def test_window_is_the_mean_of_the_last_steps_and_wraps():
@@ -60,15 +70,24 @@ def test_tracker_is_a_pytree_that_jit_carries_through_a_scan():
     (dict(decay=0.9, window=4), "exactly one of decay"),
     (dict(decay=1.0), "decay must lie in"),
     (dict(window=0), "window must be a positive integer"),
+    (dict(decay=[0.5]), "decay must be a float"),
 ])
 def test_create_rejects_bad_settings(kwargs, message):
   with pytest.raises(ValueError, match=message):
     ExpertLoad.create(2, 4, **kwargs)
 
 
-def test_update_rejects_wrong_shape_or_dtype():
-  tracker = ExpertLoad.create(2, 4, window=2)
-  with pytest.raises(ValueError, match="counts must be int"):
-    tracker.update(jnp.zeros((4, 2), jnp.int32))
-  with pytest.raises(ValueError, match="counts must be int"):
-    tracker.update(jnp.zeros((2, 4), jnp.float32))
+def test_update_takes_lists():
+  tracker = ExpertLoad.create(1, 2, window=2).update([[1, 2]])
+  np.testing.assert_array_equal(tracker.loads(), [[1, 2]])
+
+
+@pytest.mark.parametrize("counts,message", [
+    (jnp.zeros((4, 2), jnp.int32), "counts must be \\[num_layers, num_experts\\] = \\(2, 4\\)"),
+    (jnp.zeros((2, 4), jnp.float32), "counts must be an int array"),
+    (np.full((2, 4), -1), "counts holds 8 values below 0"),
+    (np.full((2, 4), 2**31), "counts holds 8 values above 2147483647"),  # would wrap in int32
+])
+def test_update_rejects_bad_counts(counts, message):
+  with pytest.raises(ValueError, match=message):
+    ExpertLoad.create(2, 4, window=2).update(counts)

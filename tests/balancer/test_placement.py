@@ -79,10 +79,11 @@ def test_numpy_leaves_stay_numpy():
 
 
 @pytest.mark.parametrize("params,phy2log,message", [
-    ({"w": np.ones((4, 2))}, np.array([0, 4]), "outside"),
+    ({"w": np.ones((4, 2))}, np.array([0, 4]), "outside \\[0, 4\\)"),
     ({"w": np.ones((4, 2))}, np.array([[0, 1]]), "leading"),
     ({"w": np.ones((4, 2)), "v": np.ones((5, 2))}, np.array([0, 1]), "experts, other leaves"),
     ({"w": np.ones((4, 2))}, np.array([0.0, 1.0]), "phy2log must be an int"),
+    ({"w": np.ones((4, 2))}, np.array([0, -1]), "phy2log holds 1 values below 0"),
     ({}, np.array([0, 1]), "no array leaves"),
 ])
 def test_apply_placement_rejects_bad_input(params, phy2log, message):
@@ -90,11 +91,31 @@ def test_apply_placement_rejects_bad_input(params, phy2log, message):
     apply_placement(params, phy2log)
 
 
-def test_select_replicas_rejects_bad_input():
-  log2phy, logcnt = np.array([[0, 1], [2, -1]]), np.array([2, 1])
-  with pytest.raises(ValueError, match="topk_idx holds expert ids outside"):
-    select_replicas(np.array([[0, 2]]), log2phy, logcnt)
-  with pytest.raises(ValueError, match="logcnt must be"):
-    select_replicas(np.array([[0, 1]]), log2phy, np.array([2, 1, 1]))
-  with pytest.raises(ValueError, match="log2phy must be"):
-    select_replicas(np.array([[0, 1]]), log2phy[None], logcnt)
+def test_apply_placement_takes_a_list():
+  params = {"w": np.arange(4.0)}
+  np.testing.assert_array_equal(apply_placement(params, [3, 0, 3])["w"], [3.0, 0.0, 3.0])
+
+
+LOG2PHY, LOGCNT = np.array([[0, 1], [2, -1]]), np.array([2, 1])
+SELECT_BAD = [
+    (dict(topk_idx=np.array([[0, 2]])), "topk_idx holds 1 values above 1"),
+    (dict(topk_idx=np.array([[2**32, 0]])), "topk_idx holds 1 values above 1"),
+    (dict(topk_idx=np.array([0, 1])), "topk_idx must be \\[num_tokens, num_topk\\]"),
+    (dict(logcnt=np.array([2, 1, 1])), "logcnt must be \\[num_experts=2\\]"),
+    (dict(logcnt=np.array([2, 2])), "log2phy has -1 among the first logcnt"),
+    (dict(logcnt=np.array([3, 1])), "logcnt holds 1 values above 2"),
+    (dict(logcnt=np.array([2, 0])), "logcnt holds 1 values below 1"),
+    (dict(logcnt=np.array([2.0, 1.0])), "logcnt must be an int array"),
+    (dict(log2phy=LOG2PHY[None]), "log2phy must be \\[num_experts, maxcnt\\]"),
+    (dict(log2phy=LOG2PHY.astype(float)), "log2phy must be an int array"),
+    (dict(offset=1.5), "offset must be an int array"),
+    (dict(offset=-1), "offset holds 1 values below 0"),
+]
+
+
+@pytest.mark.parametrize("override,message", SELECT_BAD, ids=[m for _, m in SELECT_BAD])
+def test_select_replicas_rejects_bad_input(override, message):
+  args = dict(topk_idx=np.array([[0, 1]]), log2phy=LOG2PHY, logcnt=LOGCNT) | override
+  offset = args.pop("offset", 0)
+  with pytest.raises(ValueError, match=message):
+    select_replicas(**args, offset=offset)

@@ -36,7 +36,8 @@ def test_unbalanced_baseline_uses_the_contiguous_layout():
     ([[0, 1, 2, 3, 0]], [[2, 1, 1, 1]], 2, "num_gpus=2 must divide"),
     ([[0, 1, 4, 2]], [[1, 1, 1, 1]], 2, "outside"),
     ([[0, 1, 1, 2]], [[1, 1, 1]], 2, "logcnt must be an int array shaped like weight"),
-    ([[0, 1, 1, 2]], [[2, 1, 1, 0]], 2, "logcnt disagrees"),
+    ([[0, 1, 2, 3]], [[2, 1, 1, 1]], 2, "logcnt disagrees"),
+    ([[0, 1, 1, 2]], [[1, 2, 1, 0]], 2, "phy2log gives 1 experts no replica, e.g. expert 3"),
     ([0, 1, 2, 3], [[1, 1, 1, 1]], 2, "phy2log must be an int"),
     ([[0, 1, 2, 3]], [[1, 1, 1, 1]], 0, "num_gpus must be a positive integer"),
 ])

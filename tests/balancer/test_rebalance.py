@@ -11,6 +11,7 @@ from balancer import reference
 from balancer.api import count_replicas
 from balancer.hierarchical import rebalance_hierarchical
 from balancer.refine import refine_placement
+from balancer.synthetic import hot_expert_loads, zipf_loads
 
 README_WEIGHT = [[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
                  [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]]
@@ -177,16 +178,6 @@ def test_refine_is_strictly_better_on_skewed_loads(name, loads):
     assert after.mean() < before.mean() * (1 - 1e-3), (name, sizes, before.mean(), after.mean())
 
 
-def test_refine_keeps_the_node_of_every_group():
-  rng = np.random.default_rng(3)
-  weight = rng.multinomial(10000, rng.dirichlet(np.full(32, 0.2)), size=4)
-  greedy = rebalance_experts(weight, 48, 8, 4, 16)
-  refined = rebalance_experts(weight, 48, 8, 4, 16, refine=True)
-  group_node = lambda phy2log: {(layer, e // 4): s // 12 for layer, row in enumerate(phy2log)
-                                for s, e in enumerate(row)}
-  assert group_node(refined[0]) == group_node(greedy[0])
-
-
 BAD_INPUTS = [
     (dict(weight=[1, 2, 3, 4]), "weight must be 2-D"),
     (dict(weight=np.ones((2, 4, 1))), "weight must be 2-D"),
@@ -205,6 +196,8 @@ BAD_INPUTS = [
     (dict(num_nodes=3), "num_nodes=3 must divide num_gpus=4"),
     (dict(num_gpus=2.0), "num_gpus must be a positive integer"),
     (dict(num_groups=True), "num_groups must be a positive integer"),
+    (dict(num_replicas=2**31, weight=np.ones((1, 4)), num_gpus=1, num_nodes=1), "exceeds the int32 slot ids"),
+    (dict(refine="no"), "refine must be a bool"),
 ]
 
 
@@ -213,3 +206,16 @@ def test_bad_input_names_the_argument(override, message):
   args = dict(weight=np.ones((2, 4)), num_replicas=8, num_groups=2, num_nodes=2, num_gpus=4) | override
   with pytest.raises(ValueError, match=message.replace("(", r"\(")):
     rebalance_experts(**args)
+
+
+def test_deepseek_v3_size_matches_the_oracle_and_refine_helps():
+  weight = hot_expert_loads(58, 256, hot_share=0.3, seed=5) + zipf_loads(58, 256, exponent=0.8, seed=6)
+  sizes = (288, 8, 4, 32)
+  greedy = rebalance_experts(weight, *sizes)
+  for fast, slow in zip(greedy, reference.rebalance_experts(weight, *sizes)):
+    np.testing.assert_array_equal(fast, slow)
+  refined = rebalance_experts(weight, *sizes, refine=True)
+  check_invariants(weight, *refined, *sizes)
+  before = balancedness(weight, greedy[0], greedy[2], 32)
+  after = balancedness(weight, refined[0], refined[2], 32)
+  assert (after <= before).all() and after.mean() < 0.9 * before.mean()

@@ -1,0 +1,84 @@
+"""The local search's own bookkeeping: every scored candidate checked against loads recomputed
+from scratch, and the node of every group kept."""
+
+import numpy as np
+import pytest
+
+from balancer import gpu_loads, rebalance_experts
+from balancer.api import count_replicas
+from balancer.hierarchical import rebalance_hierarchical
+from balancer.refine import Layout, score_candidates
+
+
+def apply(phy2log, is_swap, first, second):
+  placed = phy2log.copy()
+  if is_swap:
+    placed[first], placed[second] = placed[second], placed[first]
+  else:
+    placed[first] = second
+  return placed
+
+
+@pytest.mark.parametrize("num_experts,num_replicas,num_groups,num_nodes,num_gpus", [
+    (16, 24, 4, 2, 4),  # hierarchical, 2 slots per GPU
+    (12, 16, 4, 2, 8),  # DeepSeek's README sizes
+    (16, 20, 4, 1, 2),  # one node, P < 3
+    (8, 12, 2, 1, 1),  # one GPU: no swap can be allowed
+    (128, 136, 1, 1, 8),  # more than 64 experts per node: move targets are pruned
+])
+def test_every_scored_candidate_matches_recomputed_loads(num_experts, num_replicas, num_groups, num_nodes,
+                                                         num_gpus):
+  rng = np.random.default_rng(num_experts + num_replicas)
+  weight = (rng.pareto(1.2, (3, num_experts)) * 100).astype(np.float32)
+  greedy = rebalance_hierarchical(weight, num_replicas, num_groups, num_nodes, num_gpus)
+  counts = count_replicas(greedy.phy2log, num_experts)
+  on_gpu = np.zeros((3, num_experts, num_gpus), np.int64)
+  np.add.at(on_gpu, (np.arange(3)[:, None], greedy.phy2log, np.arange(num_replicas) // (num_replicas // num_gpus)), 1)
+  slots_per_node, experts_per_node = num_replicas // num_nodes, num_experts // num_nodes
+  layout = Layout(num_gpus, num_nodes, num_replicas // num_gpus, num_gpus // num_nodes, slots_per_node,
+                  experts_per_node, min(slots_per_node, 2 * (slots_per_node - experts_per_node)))
+  scored = score_candidates(weight.astype(np.float64), greedy.phy2log, counts, on_gpu,
+                            np.argsort(greedy.expert_node, axis=-1, kind="stable"), layout)
+  slot_node = np.arange(num_replicas) // slots_per_node
+  checked = 0
+  for layer in range(3):
+    before = gpu_loads(weight[layer:layer + 1], greedy.phy2log[layer:layer + 1], counts[layer:layer + 1], num_gpus)[0]
+    np.testing.assert_allclose(scored.current_max[layer], before.max(), rtol=1e-12)
+    np.testing.assert_allclose(scored.current_sq[layer], (before**2).sum(), rtol=1e-12)
+    for c in range(scored.ok.shape[1]):
+      is_swap, first, second = scored.is_swap[layer, c], scored.first[layer, c], scored.second[layer, c]
+      placed = apply(greedy.phy2log[layer], is_swap, first, second)
+      if not scored.ok[layer, c]:
+        continue
+      assert not np.array_equal(placed, greedy.phy2log[layer]), "a no-op was allowed"
+      if is_swap:
+        assert first // (num_replicas // num_gpus) != second // (num_replicas // num_gpus), "swap within a GPU"
+      new_counts = count_replicas(placed[None], num_experts)
+      assert (new_counts >= 1).all(), "an expert lost its last replica"
+      assert (greedy.expert_node[layer][placed] == slot_node).all(), "node constraint broken"
+      after = gpu_loads(weight[layer:layer + 1], placed[None], new_counts, num_gpus)[0]
+      np.testing.assert_allclose(scored.new_max[layer, c], after.max(), rtol=1e-9)
+      np.testing.assert_allclose(scored.new_sq[layer, c], (after**2).sum(), rtol=1e-9)
+      checked += 1
+  assert checked > 0
+  if num_gpus == 1:
+    assert not scored.ok[scored.is_swap].any()
+
+
+def test_refine_keeps_the_node_of_every_group():
+  rng = np.random.default_rng(3)
+  weight = rng.integers(50, 150, (4, 32)) + np.where(np.arange(32) == rng.integers(32, size=(4, 1)), 3000, 0)
+  greedy = rebalance_experts(weight, 48, 8, 4, 16)
+  refined = rebalance_experts(weight, 48, 8, 4, 16, refine=True)
+  assert not np.array_equal(refined[0], greedy[0]), "refine found nothing; the check below would be idle"
+
+  def nodes_of_groups(phy2log):
+    nodes = {}
+    for layer, row in enumerate(phy2log):
+      for slot, expert in enumerate(row):
+        nodes.setdefault((layer, expert // 4), set()).add(slot // 12)  # 4 experts a group, 12 slots a node
+    return nodes
+
+  greedy_nodes, refined_nodes = nodes_of_groups(greedy[0]), nodes_of_groups(refined[0])
+  assert all(len(nodes) == 1 for nodes in refined_nodes.values())
+  assert refined_nodes == greedy_nodes
