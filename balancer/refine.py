@@ -178,19 +178,17 @@ def score_candidates(weight, phy2log, counts, replicas_on_gpu, experts_by_node, 
   node_slots = node[:, None] * layout.slots_per_node + np.arange(layout.slots_per_node)
 
   # Swaps: (a on the hottest GPU) x (b anywhere in the node, on another GPU, lighter). Only two
-  # GPUs change, so each swap is scored from scalars: the hottest loses `diff`, b's GPU gains it,
-  # and every other GPU stays, the highest of them being the 2nd or 3rd hottest overall.
+  # GPUs change, so each swap is scored from scalars: the hottest loses `diff` > 0 and b's GPU
+  # gains it. Every other GPU stays, so the new maximum is the larger of those two and the
+  # second-highest load before the swap (if b's GPU held that, it only grew).
   diff = slot_load[rows, hot_slots][:, :, None] - slot_load[rows, node_slots][:, None, :]
   other_gpu = node_slots // s
   swap_ok = ((diff > 0) & (other_gpu != hot[:, None])[:, None, :]).reshape(batch, -1)
-  padded = np.concatenate([load, np.full((batch, 2), -np.inf)], -1)  # P may be below 3
-  top = np.argsort(-padded, axis=-1, kind="stable")[:, 1:3]
-  top_load = np.take_along_axis(padded, top, -1)
-  untouched_max = np.where(other_gpu == top[:, :1], top_load[:, 1:2], top_load[:, :1])
+  second_max = np.where(np.arange(layout.num_gpus)[None, :] == hot[:, None], -np.inf, load).max(-1)
   other_load = np.take_along_axis(load, other_gpu, -1)
   new_hot = current_max[:, None, None] - diff
   new_other = other_load[:, None, :] + diff
-  swap_max = np.maximum(np.maximum(new_hot, new_other), untouched_max[:, None, :]).reshape(batch, -1)
+  swap_max = np.maximum(np.maximum(new_hot, new_other), second_max[:, None, None]).reshape(batch, -1)
   swap_sq = (current_sq[:, None, None] - current_max[:, None, None]**2 - other_load[:, None, :]**2
              + new_hot**2 + new_other**2).reshape(batch, -1)
 

@@ -19,17 +19,22 @@ def apply(phy2log, is_swap, first, second):
   return placed
 
 
+@pytest.mark.parametrize("spread", ["pareto", "even"])  # even: other nodes' GPUs nearly as hot
 @pytest.mark.parametrize("num_experts,num_replicas,num_groups,num_nodes,num_gpus", [
     (16, 24, 4, 2, 4),  # hierarchical, 2 slots per GPU
     (12, 16, 4, 2, 8),  # DeepSeek's README sizes
+    (32, 48, 8, 4, 8),  # four nodes
     (16, 20, 4, 1, 2),  # one node, P < 3
     (8, 12, 2, 1, 1),  # one GPU: no swap can be allowed
     (128, 136, 1, 1, 8),  # more than 64 experts per node: move targets are pruned
 ])
 def test_every_scored_candidate_matches_recomputed_loads(num_experts, num_replicas, num_groups, num_nodes,
-                                                         num_gpus):
+                                                         num_gpus, spread):
   rng = np.random.default_rng(num_experts + num_replicas)
-  weight = (rng.pareto(1.2, (3, num_experts)) * 100).astype(np.float32)
+  if spread == "pareto":
+    weight = (rng.pareto(1.2, (3, num_experts)) * 100).astype(np.float32)
+  else:
+    weight = rng.uniform(90, 110, (3, num_experts)).astype(np.float32)
   greedy = rebalance_hierarchical(weight, num_replicas, num_groups, num_nodes, num_gpus)
   counts = count_replicas(greedy.phy2log, num_experts)
   on_gpu = np.zeros((3, num_experts, num_gpus), np.int64)
