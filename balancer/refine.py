@@ -37,10 +37,6 @@ class Layout(NamedTuple):
   spare_candidates: int  # most slots of a node whose expert has >= 2 replicas: min(R/N, 2 (R-E)/N)
 
 
-def _one_hot(index: np.ndarray, size: int) -> np.ndarray:
-  return (index[..., None] == np.arange(size)).astype(np.float64)
-
-
 def refine_placement(weight: np.ndarray, phy2log: np.ndarray, expert_node: np.ndarray, num_nodes: int,
                      num_gpus: int, *, max_rounds: int | None = None) -> np.ndarray:
   """Improves a placement by local search; see the module docstring.
@@ -216,20 +212,30 @@ def score_candidates(weight, phy2log, counts, replicas_on_gpu, experts_by_node, 
       np.broadcast_to(targets[:, None, :], (batch, s, targets.shape[1])).reshape(batch, -1),
   ], axis=1)
   old_expert = phy2log[rows, move_slot]
+  move_ok = (counts[rows, old_expert] >= 2) & (move_expert != old_expert)
+  # Most listed moves are not allowed (a hot slot's expert often has one replica): keep the
+  # allowed ones, padded to the batch's largest count, before the [B, C, P/N] arithmetic.
+  kept = np.argsort(~move_ok, axis=-1, kind="stable")[:, :max(1, int(move_ok.sum(-1).max()))]
+  move_slot, move_expert, old_expert, move_ok = (
+      np.take_along_axis(a, kept, axis=-1) for a in (move_slot, move_expert, old_expert, move_ok))
   count_old, count_new = counts[rows, old_expert], counts[rows, move_expert]
   weight_old, weight_new = weight[rows, old_expert], weight[rows, move_expert]
-  move_ok = (count_old >= 2) & (move_expert != old_expert)
   count_old_after = np.maximum(count_old - 1, 1)
   rise_old = weight_old / count_old_after - weight_old / count_old
   fall_new = weight_new / (count_new + 1) - weight_new / count_new
   # The moved slot itself: it counted as a replica of old (now at the risen share), but holds new.
   slot_fix = weight_new / (count_new + 1) - weight_old / count_old_after
-  node_replicas = np.take_along_axis(replicas_on_gpu, node_gpus[:, None, :], axis=2).astype(np.float64)
-  move_delta = (node_replicas[rows, old_expert] * rise_old[..., None]
-                + node_replicas[rows, move_expert] * fall_new[..., None]
-                + _one_hot(move_slot // s - node[:, None] * pn, pn) * slot_fix[..., None])
+  # New loads of the node's GPUs, built in place: [B, C, P/N]. Fancy indices on (layer,
+  # expert, node) and a plain slice over the node's GPUs, so numpy copies whole rows.
+  by_node = replicas_on_gpu.reshape(batch, -1, layout.num_nodes, pn)
+  new_node = by_node[rows, old_expert, node[:, None]] * rise_old[..., None]
+  new_node += by_node[rows, move_expert, node[:, None]] * fall_new[..., None]
+  new_node += node_load[:, None, :]
+  batch_index, candidate_index = np.indices(move_slot.shape)
+  new_node[batch_index, candidate_index, move_slot // s - node[:, None] * pn] += slot_fix
+  move_max = np.maximum(new_node.max(-1), outside_max[:, None])
+  move_sq = np.einsum("bcp,bcp->bc", new_node, new_node) + outside_sq[:, None]
 
-  new_node = node_load[:, None, :] + move_delta
   swap_shape = (batch, s, layout.slots_per_node)
   return Candidates(
       is_swap=np.concatenate([np.ones(swap_ok.shape, bool), np.zeros(move_ok.shape, bool)], axis=1),
@@ -237,7 +243,7 @@ def score_candidates(weight, phy2log, counts, replicas_on_gpu, experts_by_node, 
       second=np.concatenate([np.broadcast_to(node_slots[:, None, :], swap_shape).reshape(batch, -1), move_expert],
                             axis=1),
       ok=np.concatenate([swap_ok, move_ok], axis=1),
-      new_max=np.concatenate([swap_max, np.maximum(new_node.max(-1), outside_max[:, None])], axis=1),
-      new_sq=np.concatenate([swap_sq, (new_node**2).sum(-1) + outside_sq[:, None]], axis=1),
+      new_max=np.concatenate([swap_max, move_max], axis=1),
+      new_sq=np.concatenate([swap_sq, move_sq], axis=1),
       current_max=current_max,
       current_sq=current_sq)
