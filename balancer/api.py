@@ -61,10 +61,11 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
   if refine:
     refined = refine_placement(weight, phy2log, placement.expert_node, num_nodes, num_gpus)
     refined_logcnt = count_replicas(refined, weight.shape[1])
-    # Keep the greedy row wherever the search found nothing better (it never makes one worse).
+    # Take a refined row only if it moved something and its peak is no higher (the search never
+    # raises it; this guards the promise). An equal peak still means fewer GPUs near it.
     greedy_peak = unchecked_gpu_loads(weight.astype(np.float64), phy2log, logcnt, num_gpus).max(-1)
     refined_peak = unchecked_gpu_loads(weight.astype(np.float64), refined, refined_logcnt, num_gpus).max(-1)
-    better = refined_peak < greedy_peak
+    better = (refined != phy2log).any(-1) & (refined_peak <= greedy_peak)
     phy2log = np.where(better[:, None], refined, phy2log)
     logcnt = np.where(better[:, None], refined_logcnt, logcnt)
     replica_rank = np.where(better[:, None], slot_order_ranks(refined), replica_rank)
