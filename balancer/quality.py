@@ -17,7 +17,8 @@ def _check_placement(weight, phy2log, logcnt, num_gpus):
     raise ValueError(f"phy2log must be an int [num_layers={num_layers}, num_replicas] array, "
                      f"got {phy2log.dtype} {phy2log.shape}")
   if logcnt.shape != weight.shape or logcnt.dtype.kind not in "iu":
-    raise ValueError(f"logcnt must be an int array shaped like weight {weight.shape}, got {logcnt.dtype} {logcnt.shape}")
+    raise ValueError(f"logcnt must be an int array shaped like weight {weight.shape}, "
+                     f"got {logcnt.dtype} {logcnt.shape}")
   if phy2log.shape[1] % num_gpus:
     raise ValueError(f"{num_gpus=} must divide the number of physical slots, {phy2log.shape[1]}")
   if phy2log.size and (phy2log.min() < 0 or phy2log.max() >= num_experts):

@@ -1,4 +1,4 @@
-"""The one checker for `rebalance_experts` input: every caller error is a ValueError naming the argument."""
+"""Argument checks shared by the balancer's public functions: every caller error is a ValueError naming the argument."""
 
 from __future__ import annotations
 
@@ -117,7 +117,9 @@ def checked_int_array(name: str, x, *, min_value: int | None = None, max_value: 
   if values.dtype.kind not in "iu":
     raise ValueError(f"{name} must be an int array, got dtype {values.dtype}")
   if values.size and min_value is not None and values.min() < min_value:
-    raise ValueError(f"{name} holds {int((values < min_value).sum())} values below {min_value}, e.g. {int(values.min())}")
+    count = int((values < min_value).sum())
+    raise ValueError(f"{name} holds {count} values below {min_value}, e.g. {int(values.min())}")
   if values.size and values.max() > max_value:
-    raise ValueError(f"{name} holds {int((values > max_value).sum())} values above {max_value}, e.g. {int(values.max())}")
+    count = int((values > max_value).sum())
+    raise ValueError(f"{name} holds {count} values above {max_value}, e.g. {int(values.max())}")
   return jnp.asarray(values), values

@@ -91,7 +91,8 @@ def check_invariants(weight, phy2log, log2phy, logcnt, num_replicas, num_groups,
       for group, node in zip(group_of_slot, slot_node):
         assert node_of_group.setdefault(group, node) == node, "a group's replicas span two nodes"
       assert len(node_of_group) == num_groups
-      assert np.bincount(list(node_of_group.values()), minlength=num_nodes).tolist() == [num_groups // num_nodes] * num_nodes
+      groups_per_node = np.bincount(list(node_of_group.values()), minlength=num_nodes)
+      assert groups_per_node.tolist() == [num_groups // num_nodes] * num_nodes
 
 
 @settings(max_examples=200)
