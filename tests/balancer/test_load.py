@@ -91,3 +91,19 @@ def test_update_takes_lists():
 def test_update_rejects_bad_counts(counts, message):
   with pytest.raises(ValueError, match=message):
     ExpertLoad.create(2, 4, window=2).update(counts)
+
+
+def test_counts_summed_over_an_expert_parallel_mesh_match_the_global_count():
+  # Each of 8 devices counts its own tokens; a psum gives what one device would count for all.
+  mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:8]), ("ep",))
+  topk_idx = np.random.default_rng(4).integers(-1, 16, size=(2, 8 * 32, 4)).astype(np.int32)  # [L, T, K]
+
+  @jax.jit
+  def step(tracker, topk_idx):
+    def local(idx):
+      return jax.lax.psum(count_expert_tokens(idx, 16), "ep")
+    counts = jax.shard_map(local, mesh=mesh, in_specs=jax.P(None, "ep"), out_specs=jax.P())(topk_idx)
+    return tracker.update(counts)
+
+  tracker = step(ExpertLoad.create(2, 16, decay=0.5), topk_idx)
+  np.testing.assert_array_equal(tracker.loads(), count_expert_tokens(topk_idx, 16))
