@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from balancer.hierarchical import rebalance_hierarchical
-from balancer.quality import unchecked_gpu_loads
+from balancer.quality import count_replicas, unchecked_gpu_loads
 from balancer.refine import refine_placement
 from balancer.validation import check_rebalance_args
 
@@ -70,13 +70,6 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
     logcnt = np.where(better[:, None], refined_logcnt, logcnt)
     replica_rank = np.where(better[:, None], slot_order_ranks(refined), replica_rank)
   return phy2log, build_log2phy(phy2log, replica_rank, logcnt), logcnt
-
-
-def count_replicas(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
-  """`[L, R]` int slots -> `[L, E]` int64 replicas per logical expert."""
-  counts = np.zeros((phy2log.shape[0], num_experts), np.int64)
-  np.add.at(counts, (np.arange(phy2log.shape[0])[:, None], phy2log), 1)
-  return counts
 
 
 def slot_order_ranks(phy2log: np.ndarray) -> np.ndarray:

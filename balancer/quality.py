@@ -7,6 +7,13 @@ import numpy as np
 from balancer.validation import as_load_matrix, check_positive_int
 
 
+def count_replicas(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
+  """`[L, R]` int slots -> `[L, E]` int64 replicas per logical expert."""
+  counts = np.zeros((phy2log.shape[0], num_experts), np.int64)
+  np.add.at(counts, (np.arange(phy2log.shape[0])[:, None], phy2log), 1)
+  return counts
+
+
 def _check_placement(weight, phy2log, logcnt, num_gpus):
   weight = as_load_matrix(weight).astype(np.float64)
   num_gpus = check_positive_int("num_gpus", num_gpus)
@@ -23,8 +30,7 @@ def _check_placement(weight, phy2log, logcnt, num_gpus):
     raise ValueError(f"{num_gpus=} must divide the number of physical slots, {phy2log.shape[1]}")
   if phy2log.size and (phy2log.min() < 0 or phy2log.max() >= num_experts):
     raise ValueError(f"phy2log holds expert ids outside [0, {num_experts})")
-  counted = np.zeros((num_layers, num_experts), np.int64)
-  np.add.at(counted, (np.arange(num_layers)[:, None], phy2log), 1)
+  counted = count_replicas(phy2log, num_experts)
   if (counted == 0).any():
     layer, expert = (int(i) for i in np.argwhere(counted == 0)[0])
     raise ValueError(f"phy2log gives {int((counted == 0).sum())} experts no replica, e.g. expert {expert} "

@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from balancer.quality import count_replicas
+
 # Relative improvement a move must bring, so float noise cannot make the search cycle.
 _TOLERANCE = 1e-9
 # Move (ii) considers this many of the node's experts as new owners of a hot slot.
@@ -66,8 +68,7 @@ def refine_placement(weight: np.ndarray, phy2log: np.ndarray, expert_node: np.nd
   phy2log = phy2log.astype(np.int64, copy=True)
   layer_col = np.arange(num_layers)[:, None]
   slot_gpu = np.arange(num_replicas) // layout.slots_per_gpu
-  counts = np.zeros((num_layers, num_experts), np.int64)
-  np.add.at(counts, (layer_col, phy2log), 1)
+  counts = count_replicas(phy2log, num_experts)
   replicas_on_gpu = np.zeros((num_layers, num_experts, num_gpus), np.int64)
   np.add.at(replicas_on_gpu, (layer_col, phy2log, slot_gpu[None, :]), 1)
   # Node n's experts are experts_by_node[:, n*E/N : (n+1)*E/N].

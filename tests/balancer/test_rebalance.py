@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from balancer import balancedness, gpu_loads, rebalance_experts
 from balancer import reference
-from balancer.api import count_replicas
+from balancer.quality import count_replicas
 from balancer.hierarchical import rebalance_hierarchical
 from balancer.refine import refine_placement
 from balancer.synthetic import hot_expert_loads, zipf_loads

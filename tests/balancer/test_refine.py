@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from balancer import gpu_loads, rebalance_experts
-from balancer.api import count_replicas
+from balancer.quality import count_replicas
 from balancer.hierarchical import rebalance_hierarchical
 from balancer.refine import Layout, score_candidates
 
