@@ -19,7 +19,7 @@ if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
 fi
 
 if [ ! -x .venv/bin/python ]; then
-  if ! "$python" -m venv .venv 2>/dev/null; then
+  if ! "$python" -m venv .venv >/dev/null 2>&1; then
     rm -rf .venv
     # Debian splits venv (ensurepip) into its own package.
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
