@@ -25,7 +25,7 @@ from balancer.quality import count_replicas
 
 # Relative improvement a move must bring, so float noise cannot make the search cycle.
 _TOLERANCE = 1e-9
-# Move (ii) considers this many of the node's experts as new owners of a hot slot.
+# Bounds the partners of the moves scored per layer and round (see score_candidates).
 _LIGHT_TARGETS = 64
 
 
@@ -36,7 +36,6 @@ class Layout(NamedTuple):
   gpus_per_node: int  # P / N
   slots_per_node: int  # R / N
   experts_per_node: int  # E / N
-  spare_candidates: int  # most slots of a node whose expert has >= 2 replicas: min(R/N, 2 (R-E)/N)
 
 
 def refine_placement(weight: np.ndarray, phy2log: np.ndarray, expert_node: np.ndarray, num_nodes: int,
@@ -62,8 +61,7 @@ def refine_placement(weight: np.ndarray, phy2log: np.ndarray, expert_node: np.nd
   experts_per_node = num_experts // num_nodes
   layout = Layout(num_gpus=num_gpus, num_nodes=num_nodes, slots_per_gpu=num_replicas // num_gpus,
                    gpus_per_node=num_gpus // num_nodes, slots_per_node=slots_per_node,
-                   experts_per_node=experts_per_node,
-                   spare_candidates=min(slots_per_node, 2 * (slots_per_node - experts_per_node)))
+                   experts_per_node=experts_per_node)
   weight = weight.astype(np.float64)
   phy2log = phy2log.astype(np.int64, copy=True)
   layer_col = np.arange(num_layers)[:, None]
@@ -189,16 +187,21 @@ def score_candidates(weight, phy2log, counts, replicas_on_gpu, experts_by_node, 
   swap_sq = (current_sq[:, None, None] - current_max[:, None, None]**2 - other_load[:, None, :]**2
              + new_hot**2 + new_other**2).reshape(batch, -1)
 
-  # Moves (slot -> new expert). (i) a spare slot anywhere in the node to an expert on the hot
-  # GPU; (ii) a slot on the hot GPU to an expert on the hot GPU, or to one of the node's
-  # experts whose share would be smallest after gaining a replica (the rest rarely win and
-  # would dominate the cost on large nodes).
-  spare = np.take_along_axis(counts, phy2log[rows, node_slots], axis=-1) >= 2
-  pick = np.argsort(~spare, axis=-1, kind="stable")[:, :layout.spare_candidates]
-  spare_slots = np.take_along_axis(node_slots, pick, axis=-1)
+  # Moves (slot -> new expert), two kinds, each with a bounded number of partners so that large
+  # nodes stay cheap (the partners left out rarely win):
+  # (i) a spare slot (its expert has >= 2 replicas) goes to an expert on the hot GPU; the
+  #     2 * _LIGHT_TARGETS spare slots whose expert keeps the smallest share, then on the
+  #     least-loaded GPUs, are tried;
+  # (ii) a slot on the hot GPU goes to an expert on the hot GPU, or to one of the _LIGHT_TARGETS
+  #     experts of the node whose share would be smallest after gaining a replica.
   hot_experts = phy2log[rows, hot_slots]
   node_experts = np.take_along_axis(
       experts_by_node, node[:, None] * layout.experts_per_node + np.arange(layout.experts_per_node), axis=-1)
+  slot_expert = phy2log[rows, node_slots]
+  slot_count = counts[rows, slot_expert]
+  share_if_given = np.where(slot_count >= 2, weight[rows, slot_expert] / np.maximum(slot_count - 1, 1), np.inf)
+  by_cost = np.lexsort((np.take_along_axis(load, other_gpu, -1), share_if_given), axis=-1)
+  spare_slots = np.take_along_axis(node_slots, by_cost[:, :2 * _LIGHT_TARGETS], axis=-1)
   if node_experts.shape[1] > _LIGHT_TARGETS:
     share_after = np.take_along_axis(weight / (counts + 1), node_experts, axis=-1)
     lightest = np.argsort(share_after, axis=-1, kind="stable")[:, :_LIGHT_TARGETS]

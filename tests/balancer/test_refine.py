@@ -27,6 +27,7 @@ def apply(phy2log, is_swap, first, second):
     (16, 20, 4, 1, 2),  # one node, P < 3
     (8, 12, 2, 1, 1),  # one GPU: no swap can be allowed
     (128, 136, 1, 1, 8),  # more than 64 experts per node: move targets are pruned
+    (16, 160, 1, 1, 8),  # more than 128 spare slots: spare slots are pruned
 ])
 def test_every_scored_candidate_matches_recomputed_loads(num_experts, num_replicas, num_groups, num_nodes,
                                                          num_gpus, spread):
@@ -41,7 +42,7 @@ def test_every_scored_candidate_matches_recomputed_loads(num_experts, num_replic
   np.add.at(on_gpu, (np.arange(3)[:, None], greedy.phy2log, np.arange(num_replicas) // (num_replicas // num_gpus)), 1)
   slots_per_node, experts_per_node = num_replicas // num_nodes, num_experts // num_nodes
   layout = Layout(num_gpus, num_nodes, num_replicas // num_gpus, num_gpus // num_nodes, slots_per_node,
-                  experts_per_node, min(slots_per_node, 2 * (slots_per_node - experts_per_node)))
+                  experts_per_node)
   scored = score_candidates(weight.astype(np.float64), greedy.phy2log, counts, on_gpu,
                             np.argsort(greedy.expert_node, axis=-1, kind="stable"), layout)
   slot_node = np.arange(num_replicas) // slots_per_node
