@@ -3,9 +3,9 @@
   python -m benchmarks.bench_balancer [--repeats=20]
 
 Times `rebalance_experts` (greedy and refine) on 58 layers x 256 experts -> 288 replicas,
-8 groups, 4 nodes, 32 GPUs (and the global policy, also with 320 replicas on 64 GPUs), against
-`balancer.reference` (the same algorithm in plain loops) in the same process, and reports
-balancedness for several synthetic load shapes.
+8 groups, 4 nodes, 32 GPUs, and under the global policy also 320 replicas on 64 GPUs and 576
+on 144, against `balancer.reference` (the same algorithm in plain loops) in the same process;
+then reports balancedness for several synthetic load shapes.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ HIERARCHICAL = dict(num_replicas=288, num_groups=8, num_nodes=4, num_gpus=32)
 GLOBAL = dict(num_replicas=288, num_groups=1, num_nodes=1, num_gpus=32)
 # A wider, decode-style expert-parallel group: 64 GPUs, 64 redundant experts, one pool.
 GLOBAL_64 = dict(num_replicas=320, num_groups=1, num_nodes=1, num_gpus=64)
+GLOBAL_144 = dict(num_replicas=576, num_groups=1, num_nodes=1, num_gpus=144)
 
 LOADS = {
     "zipf-1.0": lambda: zipf_loads(LAYERS, EXPERTS, exponent=1.0, seed=0),
@@ -36,11 +37,12 @@ LOADS = {
 def timing_rows(repeats: int) -> list[dict]:
   weight = LOADS["zipf-1.0"]()
   rows = []
-  for policy, sizes in (("hierarchical", HIERARCHICAL), ("global", GLOBAL), ("global-320-on-64", GLOBAL_64)):
+  for policy, sizes in (("hierarchical", HIERARCHICAL), ("global", GLOBAL), ("global-320-on-64", GLOBAL_64),
+                        ("global-576-on-144", GLOBAL_144)):
     oracle = time_fn(reference.rebalance_experts, weight, **sizes, warmup=1, repeats=max(3, repeats // 5))
     for name, fn, kwargs, n in (("loop oracle (baseline)", reference.rebalance_experts, {}, None),
                                 ("vectorised greedy", rebalance_experts, {}, repeats),
-                                ("vectorised + refine", rebalance_experts, {"refine": True}, max(3, repeats // 5))):
+                                ("vectorised + refine", rebalance_experts, {"refine": True}, 3)):
       timing = oracle if n is None else time_fn(fn, weight, **sizes, **kwargs, warmup=2, repeats=n)
       rows.append({"suite": "balancer", "case": f"time {policy} zipf-1.0", "impl": name,
                    "median_ms": round(timing.median_s * 1e3, 2), "iqr_ms": round(timing.iqr_s * 1e3, 2),
