@@ -15,7 +15,7 @@ flags.DEFINE_integer("nodes", 4, "Server nodes.")
 flags.DEFINE_integer("gpus", 32, "GPUs in all.")
 flags.DEFINE_bool("refine", True, "Also run the local-search refinement and report it.")
 flags.DEFINE_integer("show_layers", 1, "Print the per-GPU placement of this many layers.")
-flags.DEFINE_string("output", None, "Save phy2log, log2phy and logcnt to this .npz file.")
+flags.DEFINE_string("output", None, "Save the reported placement (refined unless --norefine): phy2log, log2phy, logcnt, as .npz.")
 flags.DEFINE_integer("seed", 0, "Seed of the --demo loads.")
 
 
