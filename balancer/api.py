@@ -17,10 +17,11 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
   Hierarchical policy when `num_groups % num_nodes == 0`: expert groups are packed onto nodes,
   experts are replicated within each node, and the replicas are packed onto the node's GPUs.
   Otherwise the global policy: the same with one group and one node. With `refine=False` the
-  result is DeepSeek's EPLB for the same input (stable sorts, first index on ties, float32
-  load sums). With `refine=True` a local search (swaps, and moving redundant replicas) lowers
-  each layer's hottest GPU further; it keeps the node constraint and is never worse than the
-  greedy placement on any layer.
+  result is DeepSeek's EPLB for the same input, with ties broken deterministically (stable
+  sorts, first index on ties, float32 load sums; DeepSeek's unstable `torch.sort` may order
+  tied loads differently). With `refine=True` a local search (swaps, and moving redundant
+  replicas) lowers each layer's hottest GPU further; it keeps the node constraint and never
+  raises a layer's peak GPU load, so no layer's balancedness gets worse.
 
   Example (DeepSeek's README):
     >>> weight = [[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],

@@ -46,7 +46,7 @@ def read_loads(path: str) -> np.ndarray:
   """Reads `[L, E]` loads from a `.npy` file or a `.json` nested list."""
   file = pathlib.Path(path)
   if not file.is_file():
-    raise ValueError(f"loads file {path!r} does not exist")
+    raise ValueError(f"loads file {path!r} is not a file" if file.exists() else f"loads file {path!r} does not exist")
   if file.suffix not in (".npy", ".json"):
     raise ValueError(f"loads file {path!r} must end in .npy or .json")
   try:
@@ -66,7 +66,9 @@ def placement_report(weight, cluster: Cluster, *, refine: bool = True, show_laye
   the final placement to an `.npz` file.
   """
   weight = as_load_matrix(weight)
-  show_layers = max(0, min(int(show_layers), weight.shape[0]))
+  if isinstance(show_layers, bool) or not isinstance(show_layers, int) or show_layers < 0:
+    raise ValueError(f"show_layers must be a non-negative int, got {show_layers!r}")
+  show_layers = min(show_layers, weight.shape[0])
   if output:
     output = output if output.endswith(".npz") else output + ".npz"
     if not pathlib.Path(output).absolute().parent.is_dir():

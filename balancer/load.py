@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -75,10 +76,9 @@ class ExpertLoad:
     if (decay is None) == (window is None):
       raise ValueError(f"give exactly one of decay (EMA) or window (sliding window), got {decay=}, {window=}")
     if decay is not None:
-      try:
-        decay = float(decay)
-      except (TypeError, ValueError):
-        raise ValueError(f"decay must be a float in (0, 1), got {decay!r}") from None
+      if isinstance(decay, bool) or not isinstance(decay, numbers.Real):
+        raise ValueError(f"decay must be a float in (0, 1), got {decay!r}")
+      decay = float(decay)
       if not 0.0 < decay < 1.0:
         raise ValueError(f"decay must lie in (0, 1), got {decay}")
     num_slots = 0 if window is None else check_positive_int("window", window)

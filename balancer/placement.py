@@ -48,6 +48,7 @@ def apply_placement(expert_params, phy2log):
   def gather(leaf):
     xp = np if isinstance(leaf, np.ndarray) and ids is not None else jnp
     index = ids if xp is np else phy2log_array
+    leaf = leaf if xp is np else jnp.asarray(leaf)  # numpy leaves cannot take a traced index
     if index_ndim == 1:
       return leaf[index]
     return leaf[xp.arange(leaf.shape[0])[:, None], index]
@@ -63,7 +64,8 @@ def select_replicas(topk_idx, log2phy, logcnt, *, offset=0) -> jax.Array:
   most one. Jittable (a stable sort of the `T*K` ids).
 
   Args:
-    topk_idx: `[T, K]` int logical expert ids; -1 = no expert.
+    topk_idx: `[T, K]` int logical expert ids; -1 = no expert. Concrete ids are checked to lie
+      in `[-1, E)`; traced ones cannot be, and ids past E - 1 then route to expert E - 1.
     log2phy: `[E, maxcnt]` int, the slots of each expert, -1 padded (one layer of
       `rebalance_experts`' output).
     logcnt: `[E]` int, replicas per expert.

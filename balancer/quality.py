@@ -17,8 +17,10 @@ def count_replicas(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
 def _check_placement(weight, phy2log, logcnt, num_gpus):
   weight = as_load_matrix(weight).astype(np.float64)
   num_gpus = check_positive_int("num_gpus", num_gpus)
-  phy2log = np.asarray(phy2log)
-  logcnt = np.asarray(logcnt)
+  try:
+    phy2log, logcnt = np.asarray(phy2log), np.asarray(logcnt)
+  except ValueError as err:
+    raise ValueError(f"phy2log and logcnt must be rectangular int arrays: {err}") from None
   num_layers, num_experts = weight.shape
   if phy2log.ndim != 2 or phy2log.shape[0] != num_layers or phy2log.dtype.kind not in "iu":
     raise ValueError(f"phy2log must be an int [num_layers={num_layers}, num_replicas] array, "
@@ -68,19 +70,22 @@ def unchecked_gpu_loads(weight: np.ndarray, phy2log: np.ndarray, logcnt: np.ndar
 def balancedness(weight, phy2log, logcnt, num_gpus: int) -> np.ndarray:
   """Per layer, the maximum GPU load over the mean GPU load (1.0 is perfect).
 
-  Args are as for `gpu_loads`. A layer with no load at all counts as perfectly balanced.
+  Args are as for `gpu_loads`. The mean is the layer's total load over `num_gpus`, the same
+  for every placement of that layer, so two placements compare exactly by their peaks. A
+  layer with no load at all counts as perfectly balanced.
 
   Returns:
     `[L]` float64, each >= 1.
   """
   loads = gpu_loads(weight, phy2log, logcnt, num_gpus)
-  return _ratio(loads)
+  return _ratio(loads, as_load_matrix(weight).astype(np.float64))
 
 
-def _ratio(loads: np.ndarray) -> np.ndarray:
-  mean = loads.mean(-1)
+def _ratio(loads: np.ndarray, weight: np.ndarray) -> np.ndarray:
+  """`[L, P]` GPU loads and `[L, E]` float64 weight -> `[L]` peak over mean."""
+  mean = weight.sum(-1) / loads.shape[-1]
   peak = loads.max(-1)
-  return np.where(mean > 0, peak / np.where(mean > 0, mean, 1.0), 1.0)
+  return np.where(mean > 0, np.maximum(peak / np.where(mean > 0, mean, 1.0), 1.0), 1.0)
 
 
 def unbalanced_baseline(weight, num_gpus: int) -> np.ndarray:
@@ -99,4 +104,4 @@ def unbalanced_baseline(weight, num_gpus: int) -> np.ndarray:
   gpu_of_expert = np.arange(num_experts) * num_gpus // num_experts
   loads = np.zeros((num_layers, num_gpus))
   np.add.at(loads, (slice(None), gpu_of_expert), weight)
-  return _ratio(loads)
+  return _ratio(loads, weight)

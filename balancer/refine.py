@@ -144,6 +144,22 @@ def _choose(c: Candidates):
   return any_lowering | flattens, c.is_swap[flat, choice], c.first[flat, choice], c.second[flat, choice]
 
 
+def keep_allowed(allowed: np.ndarray, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+  """Moves each row's allowed entries to the front, in order, and cuts the columns to the
+  largest allowed count of any row (at least 1).
+
+  Args:
+    allowed: `[B, C]` bool.
+    arrays: `[B, C]` arrays gathered alongside.
+
+  Returns:
+    `(allowed, *arrays)`, each `[B, C']`; `allowed` is False in the padding.
+  """
+  keep = max(1, int(allowed.sum(-1).max()))
+  order = np.argsort(~allowed, axis=-1, kind="stable")[:, :keep]
+  return tuple(np.take_along_axis(a, order, axis=-1) for a in (allowed, *arrays))
+
+
 def score_candidates(weight, phy2log, counts, replicas_on_gpu, experts_by_node, layout: Layout) -> Candidates:
   """Lists and scores the candidate moves around each layer's hottest GPU.
 
@@ -217,11 +233,9 @@ def score_candidates(weight, phy2log, counts, replicas_on_gpu, experts_by_node, 
   ], axis=1)
   old_expert = phy2log[rows, move_slot]
   move_ok = (counts[rows, old_expert] >= 2) & (move_expert != old_expert)
-  # Most listed moves are not allowed (a hot slot's expert often has one replica): keep the
-  # allowed ones, padded to the batch's largest count, before the [B, C, P/N] arithmetic.
-  kept = np.argsort(~move_ok, axis=-1, kind="stable")[:, :max(1, int(move_ok.sum(-1).max()))]
-  move_slot, move_expert, old_expert, move_ok = (
-      np.take_along_axis(a, kept, axis=-1) for a in (move_slot, move_expert, old_expert, move_ok))
+  # Most listed moves are not allowed (a hot slot's expert often has one replica): drop them
+  # before the [B, C, P/N] arithmetic.
+  move_ok, move_slot, move_expert, old_expert = keep_allowed(move_ok, move_slot, move_expert, old_expert)
   count_old, count_new = counts[rows, old_expert], counts[rows, move_expert]
   weight_old, weight_new = weight[rows, old_expert], weight[rows, move_expert]
   count_old_after = np.maximum(count_old - 1, 1)

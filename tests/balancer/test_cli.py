@@ -60,3 +60,10 @@ def test_bad_usage_fails_with_a_message(tmp_path, args, message):
   result = run_cli(*args)
   assert result.returncode != 0
   assert message in result.stderr
+
+
+def test_placement_report_rejects_a_bad_show_layers():
+  from balancer import cli
+
+  with pytest.raises(ValueError, match="show_layers must be a non-negative int"):
+    cli.placement_report(np.ones((2, 12)), cli.Cluster(16, 4, 2, 8), show_layers="x")

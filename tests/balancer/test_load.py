@@ -71,6 +71,7 @@ def test_tracker_is_a_pytree_that_jit_carries_through_a_scan():
     (dict(decay=1.0), "decay must lie in"),
     (dict(window=0), "window must be a positive integer"),
     (dict(decay=[0.5]), "decay must be a float"),
+    (dict(decay="0.5"), "decay must be a float"),
 ])
 def test_create_rejects_bad_settings(kwargs, message):
   with pytest.raises(ValueError, match=message):

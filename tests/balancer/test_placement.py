@@ -71,6 +71,12 @@ def test_stacked_layers_under_jit():
                                   moe(logical, x, topk_idx, topk_weights))
 
 
+def test_numpy_leaves_under_jit_take_a_traced_index():
+  params = {"w": np.arange(4.0)}
+  out = jax.jit(lambda phy2log: apply_placement(params, phy2log))(jnp.array([3, 0, 3]))
+  np.testing.assert_array_equal(out["w"], [3.0, 0.0, 3.0])
+
+
 def test_numpy_leaves_stay_numpy():
   params, *_ = random_moe(np.random.default_rng(3))
   physical = apply_placement(params, np.array([3, 3, 0]))

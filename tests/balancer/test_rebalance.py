@@ -126,6 +126,17 @@ def test_refine_is_never_worse_than_greedy(problem):
   before = balancedness(weight, greedy[0], greedy[2], num_gpus)
   after = balancedness(weight, refined[0], refined[2], num_gpus)
   assert (after <= before).all(), (before, after)
+  peak_before = gpu_loads(weight, greedy[0], greedy[2], num_gpus).max(-1)
+  peak_after = gpu_loads(weight, refined[0], refined[2], num_gpus).max(-1)
+  assert (peak_after <= peak_before).all()
+
+
+def test_balancedness_ties_exactly_when_refine_only_flattens():
+  # Refine keeps this layer's peak and lowers other GPUs; the mean must not drift by an ulp.
+  weight = [[1, 1, 2, 2, 0]]
+  greedy = rebalance_experts(weight, 18, 5, 2, 6)
+  refined = rebalance_experts(weight, 18, 5, 2, 6, refine=True)
+  assert balancedness(weight, refined[0], refined[2], 6)[0] <= balancedness(weight, greedy[0], greedy[2], 6)[0]
 
 
 @settings(max_examples=200)

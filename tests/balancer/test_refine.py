@@ -7,7 +7,9 @@ import pytest
 from balancer import gpu_loads, rebalance_experts
 from balancer.quality import count_replicas
 from balancer.hierarchical import rebalance_hierarchical
-from balancer.refine import Layout, score_candidates
+from balancer import refine
+from balancer.refine import Layout, keep_allowed, score_candidates
+from balancer.synthetic import hot_expert_loads, zipf_loads
 
 
 def apply(phy2log, is_swap, first, second):
@@ -88,3 +90,39 @@ def test_refine_keeps_the_node_of_every_group():
   greedy_nodes, refined_nodes = nodes_of_groups(greedy[0]), nodes_of_groups(refined[0])
   assert all(len(nodes) == 1 for nodes in refined_nodes.values())
   assert refined_nodes == greedy_nodes
+
+
+def test_keep_allowed_keeps_exactly_the_allowed_entries_in_order():
+  rng = np.random.default_rng(0)
+  allowed = rng.random((6, 40)) < 0.3
+  allowed[2] = False  # a row with nothing allowed
+  values = rng.integers(0, 1000, (6, 40))
+  kept_allowed, kept_values = keep_allowed(allowed, values)
+  assert kept_allowed.shape[1] == allowed.sum(-1).max()
+  for row in range(6):
+    np.testing.assert_array_equal(kept_values[row][kept_allowed[row]], values[row][allowed[row]])
+    assert not kept_allowed[row, allowed[row].sum():].any()
+
+
+@pytest.mark.parametrize("sizes", [(288, 8, 4, 32), (288, 1, 1, 32)], ids=["hierarchical", "global"])
+def test_bookkeeping_stays_true_to_the_placement_every_round(monkeypatch, sizes):
+  # Global at V3 size has 256 experts and 288 slots in one node, so both prunings are active.
+  num_replicas, num_groups, num_nodes, num_gpus = sizes
+  weight = hot_expert_loads(4, 256, hot_share=0.3, seed=1) + zipf_loads(4, 256, exponent=1.0, seed=2)
+  rounds = []
+
+  def checked(weight_, phy2log, counts, replicas_on_gpu, experts_by_node, layout):
+    np.testing.assert_array_equal(counts, count_replicas(phy2log, weight_.shape[1]))
+    expected = np.zeros_like(replicas_on_gpu)
+    np.add.at(expected, (np.arange(len(phy2log))[:, None], phy2log, np.arange(num_replicas) // layout.slots_per_gpu), 1)
+    np.testing.assert_array_equal(replicas_on_gpu, expected)
+    rounds.append(len(phy2log))
+    return score_candidates(weight_, phy2log, counts, replicas_on_gpu, experts_by_node, layout)
+
+  monkeypatch.setattr(refine, "score_candidates", checked)
+  greedy = rebalance_experts(weight, *sizes)
+  refined = rebalance_experts(weight, *sizes, refine=True)
+  assert len(rounds) > 5
+  before = gpu_loads(weight, greedy[0], greedy[2], num_gpus).max(-1)
+  after = gpu_loads(weight, refined[0], refined[2], num_gpus).max(-1)
+  assert (after <= before).all() and (after < before).any()
