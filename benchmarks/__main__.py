@@ -21,7 +21,7 @@ def main(argv):
     suite_rows = run()
     append_results(name, suite_rows, command="python -m benchmarks")
     rows += suite_rows
-  columns = sorted({key for row in rows for key in row} - {"suite", "case"}, key=str)
+  columns = list(dict.fromkeys(key for row in rows for key in row if key not in ("suite", "case")))
   print(format_table(rows, ["suite", "case", *columns]))
 
 
