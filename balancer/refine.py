@@ -1,4 +1,4 @@
-"""Local search that improves a greedy placement, layer by layer, never making it worse.
+"""Local search that improves a greedy placement, layer by layer, never raising a layer's peak.
 
 Each round looks at the hottest GPU of every still-improving layer and tries two kinds of move
 inside that GPU's node (so the hierarchical policy's node constraint holds):
@@ -8,7 +8,9 @@ inside that GPU's node (so the hierarchical policy's node constraint holds):
          leaving the hottest GPU, or a slot anywhere in the node going to an expert that sits
          on the hottest GPU (which then carries a smaller share of it).
 
-Every candidate is scored by the node's new GPU loads. The best one that lowers the maximum
+On wide nodes the moves are bounded: the 128 spare slots cheapest to give up, and the 64
+experts lightest after gaining a replica (see score_candidates). Every candidate is scored by
+the node's new GPU loads. The best one that lowers the maximum
 GPU load is taken; failing that, the best one that keeps the maximum and lowers the sum of
 squared GPU loads (so plateaus with several equally hot GPUs are left). Both keys fall
 strictly, so the search ends; it also stops after `max_rounds`. The work is vectorised across
@@ -216,7 +218,7 @@ def score_candidates(weight, phy2log, counts, replicas_on_gpu, experts_by_node, 
   slot_expert = phy2log[rows, node_slots]
   slot_count = counts[rows, slot_expert]
   share_if_given = np.where(slot_count >= 2, weight[rows, slot_expert] / np.maximum(slot_count - 1, 1), np.inf)
-  by_cost = np.lexsort((np.take_along_axis(load, other_gpu, -1), share_if_given), axis=-1)
+  by_cost = np.lexsort((other_load, share_if_given), axis=-1)
   spare_slots = np.take_along_axis(node_slots, by_cost[:, :2 * _LIGHT_TARGETS], axis=-1)
   if node_experts.shape[1] > _LIGHT_TARGETS:
     share_after = np.take_along_axis(weight / (counts + 1), node_experts, axis=-1)
