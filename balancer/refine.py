@@ -29,6 +29,8 @@ from balancer.quality import count_replicas
 _TOLERANCE = 1e-9
 # Bounds the partners of the moves scored per layer and round (see score_candidates).
 _LIGHT_TARGETS = 64
+# Balancing swaps added to a round whose move was a swap (see extra_swaps).
+_MAX_EXTRA_SWAPS = 16
 
 
 class Layout(NamedTuple):
@@ -74,6 +76,7 @@ def refine_placement(weight: np.ndarray, phy2log: np.ndarray, expert_node: np.nd
   # Node n's experts are experts_by_node[:, n*E/N : (n+1)*E/N].
   experts_by_node = np.argsort(expert_node, axis=-1, kind="stable")
 
+  max_extra = min(layout.gpus_per_node // 2 - 1, _MAX_EXTRA_SWAPS)
   active = np.arange(num_layers)
   for _ in range(4 * num_replicas if max_rounds is None else max_rounds):
     if active.size == 0:
@@ -83,16 +86,8 @@ def refine_placement(weight: np.ndarray, phy2log: np.ndarray, expert_node: np.nd
     active = active[improved]
     kind_is_swap, first, second = kind_is_swap[improved], first[improved], second[improved]
 
-    swaps = active[kind_is_swap]
-    slot_a, slot_b = first[kind_is_swap], second[kind_is_swap]
-    expert_a, expert_b = phy2log[swaps, slot_a], phy2log[swaps, slot_b]
-    gpu_a, gpu_b = slot_gpu[slot_a], slot_gpu[slot_b]
-    phy2log[swaps, slot_a], phy2log[swaps, slot_b] = expert_b, expert_a
-    np.add.at(replicas_on_gpu, (swaps, expert_a, gpu_a), -1)
-    np.add.at(replicas_on_gpu, (swaps, expert_a, gpu_b), 1)
-    np.add.at(replicas_on_gpu, (swaps, expert_b, gpu_b), -1)
-    np.add.at(replicas_on_gpu, (swaps, expert_b, gpu_a), 1)
-
+    _apply_swaps(phy2log, replicas_on_gpu, active[kind_is_swap], first[kind_is_swap], second[kind_is_swap],
+                 slot_gpu)
     moves = active[~kind_is_swap]
     slot, new_expert = first[~kind_is_swap], second[~kind_is_swap]
     old_expert = phy2log[moves, slot]
@@ -101,7 +96,75 @@ def refine_placement(weight: np.ndarray, phy2log: np.ndarray, expert_node: np.nd
     np.add.at(counts, (moves, new_expert), 1)
     np.add.at(replicas_on_gpu, (moves, old_expert, slot_gpu[slot]), -1)
     np.add.at(replicas_on_gpu, (moves, new_expert, slot_gpu[slot]), 1)
+
+    # Where the round's move was a swap, the next-hottest GPUs get balancing swaps of their own
+    # on GPUs it left alone: a wide pool then needs far fewer rounds.
+    swapped = active[kind_is_swap]
+    if swapped.size and max_extra:
+      used = np.zeros((swapped.size, num_gpus), bool)
+      used[np.arange(swapped.size), slot_gpu[first[kind_is_swap]]] = True
+      used[np.arange(swapped.size), slot_gpu[second[kind_is_swap]]] = True
+      slot_a, slot_b, found = extra_swaps(weight[swapped], phy2log[swapped], counts[swapped], used, layout, max_extra)
+      layers = np.broadcast_to(swapped[:, None], found.shape)
+      _apply_swaps(phy2log, replicas_on_gpu, layers[found], slot_a[found], slot_b[found], slot_gpu)
   return phy2log
+
+
+def _apply_swaps(phy2log, replicas_on_gpu, layers, slot_a, slot_b, slot_gpu):
+  """Swaps the experts of slots `slot_a` and `slot_b` in `layers` (all `[n]`), in place."""
+  expert_a, expert_b = phy2log[layers, slot_a], phy2log[layers, slot_b]
+  gpu_a, gpu_b = slot_gpu[slot_a], slot_gpu[slot_b]
+  phy2log[layers, slot_a], phy2log[layers, slot_b] = expert_b, expert_a
+  np.add.at(replicas_on_gpu, (layers, expert_a, gpu_a), -1)
+  np.add.at(replicas_on_gpu, (layers, expert_a, gpu_b), 1)
+  np.add.at(replicas_on_gpu, (layers, expert_b, gpu_b), -1)
+  np.add.at(replicas_on_gpu, (layers, expert_b, gpu_a), 1)
+
+
+def extra_swaps(weight, phy2log, counts, used, layout: Layout, max_extra: int):
+  """Balancing swaps for the hottest GPUs that no other change of this round touches.
+
+  Takes the hottest unused GPU, finds the swap with a lighter replica on an unused GPU of its
+  node that brings the pair's larger load lowest, below the hot GPU's, and marks both GPUs
+  used; up to `max_extra` times. Each swap only evens out its own pair, so together they lower
+  the sum of squared GPU loads and raise no GPU above the current maximum.
+
+  Args:
+    weight: `[B, E]` float64; phy2log `[B, R]` int64; counts `[B, E]` int64.
+    used: `[B, P]` bool, GPUs already changed this round.
+    layout: the cluster's sizes.
+    max_extra: swaps to look for per layer.
+
+  Returns:
+    `(slot_a, slot_b, found)`, each `[B, max_extra]`: the slots to swap, and whether a swap
+    was found (the slots are meaningless where not).
+  """
+  batch = phy2log.shape[0]
+  rows = np.arange(batch)
+  s, pn = layout.slots_per_gpu, layout.gpus_per_node
+  slot_load = np.take_along_axis(weight / counts, phy2log, axis=-1)
+  load = slot_load.reshape(batch, layout.num_gpus, s).sum(-1)
+  used = used.copy()
+  slot_a, slot_b, found = [], [], []
+  for _ in range(max_extra):
+    hot = np.where(used, -np.inf, load).argmax(-1)
+    hot_free = ~used[rows, hot]
+    hot_slots = hot[:, None] * s + np.arange(s)
+    node_slots = (hot // pn)[:, None] * layout.slots_per_node + np.arange(layout.slots_per_node)
+    other_gpu = node_slots // s
+    diff = slot_load[rows[:, None], hot_slots][:, :, None] - slot_load[rows[:, None], node_slots][:, None, :]
+    hot_load = load[rows, hot]
+    pair_max = np.maximum(hot_load[:, None, None] - diff, np.take_along_axis(load, other_gpu, -1)[:, None, :] + diff)
+    free = ~np.take_along_axis(used, other_gpu, -1) & (other_gpu != hot[:, None])
+    ok = ((diff > 0) & free[:, None, :] & (pair_max < (hot_load * (1 - _TOLERANCE))[:, None, None])
+          & hot_free[:, None, None]).reshape(batch, -1)
+    best = np.argmin(np.where(ok, pair_max.reshape(batch, -1), np.inf), axis=-1)
+    a, b = hot_slots[rows, best // layout.slots_per_node], node_slots[rows, best % layout.slots_per_node]
+    hit = ok[rows, best]
+    used[rows, hot] = True  # with or without a swap, this GPU is done for the round
+    used[rows[hit], b[hit] // s] = True
+    slot_a.append(a), slot_b.append(b), found.append(hit)
+  return np.stack(slot_a, 1), np.stack(slot_b, 1), np.stack(found, 1)
 
 
 class Candidates(NamedTuple):

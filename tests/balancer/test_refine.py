@@ -8,7 +8,7 @@ from balancer import gpu_loads, rebalance_experts
 from balancer.quality import count_replicas
 from balancer.hierarchical import rebalance_hierarchical
 from balancer import refine
-from balancer.refine import Layout, keep_allowed, score_candidates
+from balancer.refine import Layout, extra_swaps, keep_allowed, score_candidates
 from balancer.synthetic import hot_expert_loads, zipf_loads
 
 
@@ -126,3 +126,38 @@ def test_bookkeeping_stays_true_to_the_placement_every_round(monkeypatch, sizes)
   before = gpu_loads(weight, greedy[0], greedy[2], num_gpus).max(-1)
   after = gpu_loads(weight, refined[0], refined[2], num_gpus).max(-1)
   assert (after <= before).all() and (after < before).any()
+
+
+@pytest.mark.parametrize("num_experts,num_replicas,num_groups,num_nodes,num_gpus", [
+    (64, 96, 8, 2, 16), (64, 96, 1, 1, 16), (32, 64, 4, 2, 8)])
+def test_extra_swaps_are_disjoint_and_each_evens_out_its_pair(num_experts, num_replicas, num_groups, num_nodes,
+                                                              num_gpus):
+  rng = np.random.default_rng(num_gpus)
+  weight = (rng.pareto(1.0, (4, num_experts)) * 100).astype(np.float32)
+  greedy = rebalance_hierarchical(weight, num_replicas, num_groups, num_nodes, num_gpus)
+  counts = count_replicas(greedy.phy2log, num_experts)
+  slots_per_gpu, gpus_per_node = num_replicas // num_gpus, num_gpus // num_nodes
+  layout = Layout(num_gpus, num_nodes, slots_per_gpu, gpus_per_node, num_replicas // num_nodes,
+                  num_experts // num_nodes)
+  used = np.zeros((4, num_gpus), bool)
+  used[:, 0] = True  # as if this round's own swap had touched GPU 0
+  slot_a, slot_b, found = extra_swaps(weight.astype(np.float64), greedy.phy2log, counts, used, layout, 3)
+  assert found.any()
+  for layer in range(4):
+    before = gpu_loads(weight[layer:layer + 1], greedy.phy2log[layer:layer + 1], counts[layer:layer + 1],
+                       num_gpus)[0]
+    placed = greedy.phy2log[layer].copy()
+    touched = {0}
+    for a, b in zip(slot_a[layer][found[layer]], slot_b[layer][found[layer]]):
+      gpu_a, gpu_b = a // slots_per_gpu, b // slots_per_gpu
+      assert gpu_a // gpus_per_node == gpu_b // gpus_per_node, "swap across nodes"
+      assert not {gpu_a, gpu_b} & touched, "two swaps of one round share a GPU"
+      touched |= {gpu_a, gpu_b}
+      alone = apply(greedy.phy2log[layer], True, a, b)
+      pair = gpu_loads(weight[layer:layer + 1], alone[None], counts[layer:layer + 1], num_gpus)[0][[gpu_a, gpu_b]]
+      assert pair.max() < before[gpu_a], "the swap does not even out its pair"
+      placed = apply(placed, True, a, b)
+    after = gpu_loads(weight[layer:layer + 1], placed[None], counts[layer:layer + 1], num_gpus)[0]
+    assert after.max() <= before.max()
+    if found[layer].any():
+      assert (after**2).sum() < (before**2).sum()
