@@ -10,11 +10,13 @@ inside that GPU's node (so the hierarchical policy's node constraint holds):
 
 On wide nodes the moves are bounded: the 128 spare slots cheapest to give up, and the 64
 experts lightest after gaining a replica (see score_candidates). Every candidate is scored by
-the node's new GPU loads. The best one that lowers the maximum
-GPU load is taken; failing that, the best one that keeps the maximum and lowers the sum of
-squared GPU loads (so plateaus with several equally hot GPUs are left). Both keys fall
-strictly, so the search ends; it also stops after `max_rounds`. The work is vectorised across
-layers and candidates; the loop runs over rounds.
+the node's new GPU loads. The best one that lowers the maximum GPU load is taken; failing
+that, the best one that keeps the maximum and lowers the sum of squared GPU loads (so
+plateaus with several equally hot GPUs are left). When the round's move is a swap, the
+next-hottest GPUs that it left alone each get a balancing swap too (see extra_swaps), which
+wide pools need to finish in few rounds. Both keys fall strictly every round, so the search
+ends; it also stops after `max_rounds`. The work is vectorised across layers and candidates;
+the loop runs over rounds.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def refine_placement(weight: np.ndarray, phy2log: np.ndarray, expert_node: np.nd
     expert_node: `[L, E]` int64, node of each expert; each node hosts exactly E/N experts.
     num_nodes: N, dividing `num_gpus`; GPU g is on node `g // (P/N)`.
     num_gpus: P, dividing R.
-    max_rounds: cap on moves per layer; default 4 * R.
+    max_rounds: cap on rounds; default 4 * R.
 
   Returns:
     `[L, R]` int64, the refined `phy2log`. Replica counts may differ from the input's; no
