@@ -78,7 +78,7 @@ def refine_placement(weight: np.ndarray, phy2log: np.ndarray, expert_node: np.nd
   # Node n's experts are experts_by_node[:, n*E/N : (n+1)*E/N].
   experts_by_node = np.argsort(expert_node, axis=-1, kind="stable")
 
-  max_extra = min(layout.gpus_per_node // 2 - 1, _MAX_EXTRA_SWAPS)
+  max_extra = max(0, min(layout.gpus_per_node // 2 - 1, _MAX_EXTRA_SWAPS))  # disjoint pairs left in a node
   active = np.arange(num_layers)
   for _ in range(4 * num_replicas if max_rounds is None else max_rounds):
     if active.size == 0:
