@@ -1,0 +1,129 @@
+"""DeepGEMM's four FP8 GEMMs: one public function each, with `implementation=`.
+
+All compute `D = C + A @ B.T` (the k-grouped one `A.T @ B`) from e4m3 operands with
+fine-grained f32 scales, accumulating in f32 and promoting per 128-wide k block.
+
+`implementation` names a backend: `"xla"` (pure jnp, everywhere). `None` tries the backends
+preferred on the current platform in order and falls through on `NotImplementedError`.
+Arguments are checked once, here, before any backend sees them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from fp8 import reference, validation
+
+# Backends per op. A kernel module adds its entry here; `_PREFERRED` orders them per platform.
+IMPLEMENTATIONS: dict[str, dict[str, Callable[..., Any]]] = {
+    "gemm_nt": {"xla": reference.gemm_nt},
+    "m_grouped_gemm_nt_contiguous": {"xla": reference.m_grouped_gemm_nt_contiguous},
+    "m_grouped_gemm_nt_masked": {"xla": reference.m_grouped_gemm_nt_masked},
+    "k_grouped_gemm_tn_contiguous": {"xla": reference.k_grouped_gemm_tn_contiguous},
+}
+_PREFERRED = {"gpu": ("mosaic_gpu", "xla"), "cuda": ("mosaic_gpu", "xla")}
+_DEFAULT_ORDER = ("xla",)
+
+
+def _run(op: str, implementation: str | None, *args, **kwargs):
+  backends = IMPLEMENTATIONS[op]
+  if implementation is not None:
+    if implementation not in backends:
+      raise ValueError(f"implementation={implementation!r} is not available for {op}; "
+                       f"choose from {sorted(backends)} or None")
+    return backends[implementation](*args, **kwargs)
+  order = [name for name in _PREFERRED.get(jax.default_backend(), _DEFAULT_ORDER) if name in backends]
+  for name in order[:-1]:
+    try:
+      return backends[name](*args, **kwargs)
+    except NotImplementedError:
+      continue
+  return backends[order[-1]](*args, **kwargs)
+
+
+def gemm_nt(a, b, *, c=None, out_dtype=None, implementation: str | None = None) -> jax.Array:
+  """`d = c + a @ b.T` with 1x128-scaled activations and 128x128-scaled weights.
+
+  Args:
+    a: `(a_fp8 [m, k] float8_e4m3fn, sa [m, k/128] float32)`, from `quantize_per_token`.
+    b: `(b_fp8 [n, k] float8_e4m3fn, sb [ceil(n/128), k/128] float32)`, from `quantize_per_block`.
+      k must be a multiple of 128 and n of 64.
+    c: optional `[m, n]` float32 added to the product; the output is then float32.
+    out_dtype: bfloat16 (the default without c) or float32.
+    implementation: a backend name, or None for the platform's best.
+
+  Returns:
+    `d [m, n]` of `out_dtype`.
+  """
+  _, out_dtype = validation.check_gemm_nt(a, b, c, out_dtype)
+  return _run("gemm_nt", implementation, a, b, c=c, out_dtype=out_dtype)
+
+
+def m_grouped_gemm_nt_contiguous(a, b, m_indices, *, out_dtype=None,
+                                 implementation: str | None = None) -> jax.Array:
+  """Grouped `d[r] = a[r] @ b[m_indices[r]].T` over DeepGEMM's contiguous layout (MoE prefill and training).
+
+  Each group's rows are contiguous and start on a multiple of 128
+  (`get_m_alignment_for_contiguous_layout()`); the rows padding a group up to the next
+  multiple hold -1 in `m_indices`, and their output is zero. Under jit, a row that breaks the
+  layout (a 128-row block that mixes groups, or an index outside [-1, G)) comes out NaN.
+
+  Args:
+    a: `(a_fp8 [m_sum, k] float8_e4m3fn, sa [m_sum, k/128] float32)`; m_sum a multiple of 128.
+    b: `(b_fp8 [G, n, k] float8_e4m3fn, sb [G, ceil(n/128), k/128] float32)`.
+    m_indices: `[m_sum]` int32, each row's group in [0, G), or -1 for padding.
+    out_dtype: bfloat16 (default) or float32.
+    implementation: a backend name, or None for the platform's best.
+
+  Returns:
+    `d [m_sum, n]` of `out_dtype`.
+  """
+  _, out_dtype, m_indices = validation.check_m_grouped_contiguous(a, b, m_indices, out_dtype)
+  return _run("m_grouped_gemm_nt_contiguous", implementation, a, b, m_indices, out_dtype=out_dtype)
+
+
+def m_grouped_gemm_nt_masked(a, b, masked_m, expected_m: int, *, out_dtype=None,
+                             implementation: str | None = None) -> jax.Array:
+  """Grouped `d[g, r] = a[g, r] @ b[g].T` for the first `masked_m[g]` rows (low-latency decode).
+
+  The rest of each group's rows are zero. Under jit, a group whose traced `masked_m` is outside
+  [0, m_max] comes out NaN.
+
+  Args:
+    a: `(a_fp8 [G, m_max, k] float8_e4m3fn, sa [G, m_max, k/128] float32)`.
+    b: `(b_fp8 [G, n, k] float8_e4m3fn, sb [G, ceil(n/128), k/128] float32)`.
+    masked_m: `[G]` int32, valid rows per group.
+    expected_m: a static hint of the typical `masked_m`, for kernel tiling.
+    out_dtype: bfloat16 (default) or float32.
+    implementation: a backend name, or None for the platform's best.
+
+  Returns:
+    `d [G, m_max, n]` of `out_dtype`.
+  """
+  _, out_dtype, masked_m = validation.check_m_grouped_masked(a, b, masked_m, expected_m, out_dtype)
+  return _run("m_grouped_gemm_nt_masked", implementation, a, b, masked_m, int(expected_m), out_dtype=out_dtype)
+
+
+def k_grouped_gemm_tn_contiguous(a, b, ks, *, c=None, implementation: str | None = None) -> jax.Array:
+  """Per group g, `d[g] = c[g] + a_g.T @ b_g` in float32: the weight gradients of grouped layers.
+
+  `a_g` and `b_g` are the g-th contiguous blocks of `ks[g]` rows; both operands carry one
+  scale per 128x1 tile (`quantize_per_channel`), so every `ks[g]` is a multiple of 128. Rows
+  past `sum(ks)` are padding and are ignored. Under jit, traced `ks` that break these rules
+  make the whole output NaN.
+
+  Args:
+    a: `(a_fp8 [sum_k, m] float8_e4m3fn, sa [sum_k/128, m] float32)`.
+    b: `(b_fp8 [sum_k, n] float8_e4m3fn, sb [sum_k/128, n] float32)`; n a multiple of 64.
+    ks: `[G]` ints (a list, or an int32 array that may be traced), rows per group.
+    c: optional `[G, m, n]` float32 added to the product.
+    implementation: a backend name, or None for the platform's best.
+
+  Returns:
+    `d [G, m, n]` float32.
+  """
+  _, ks = validation.check_k_grouped(a, b, ks, c)
+  return _run("k_grouped_gemm_tn_contiguous", implementation, a, b, ks, c=c)

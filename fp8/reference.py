@@ -1,0 +1,123 @@
+"""The `"xla"` implementation of the four GEMMs: pure jnp, runs everywhere.
+
+It follows DeepGEMM's numerics: for each 128-wide k block, an fp8 x fp8 `dot_general` with an
+f32 result gives a partial product, which is scaled by `sa[m] * sb[n_block, k_block]` and
+added into an f32 accumulator ("promotion"). The loop over k blocks is a `fori_loop`, so the
+only large buffers are the accumulator and one partial, both the size of the output.
+
+Arguments arrive checked by `fp8.validation`; these functions do no checking of their own,
+except that traced group metadata that breaks the layout turns the affected output into NaN.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fp8.formats import BLOCK
+from fp8.layout import M_ALIGNMENT, block_groups, contiguous_row_status
+
+
+def _scales_per_row(scale_blocks: jax.Array, rows: int) -> jax.Array:
+  """`[..., ceil(rows/128), kb]` block scales -> `[..., rows, kb]`, one row per output column."""
+  return jnp.repeat(scale_blocks, BLOCK, axis=-2)[..., :rows, :]
+
+
+def promoted_matmul(a_fp8, sa, b_fp8, sb_rows) -> jax.Array:
+  """`sum_kb (a[..., kb] @ b[..., kb].T) * sa[..., :, kb, None] * sb_rows[..., None, :, kb]` in f32.
+
+  Args:
+    a_fp8: `[..., m, k]` float8_e4m3fn, k a multiple of 128.
+    sa: `[..., m, k/128]` float32.
+    b_fp8: `[..., n, k]` float8_e4m3fn, with the same leading (batch) dims as a.
+    sb_rows: `[..., n, k/128]` float32, the scale of each row of b per k block.
+
+  Returns:
+    `[..., m, n]` float32.
+  """
+  batch = a_fp8.ndim - 2
+  dims = (((batch + 1,), (batch + 1,)), (tuple(range(batch)), tuple(range(batch))))
+  out_shape = (*a_fp8.shape[:-1], b_fp8.shape[-2])
+
+  def step(kb, acc):
+    a_blk = jax.lax.dynamic_slice_in_dim(a_fp8, kb * BLOCK, BLOCK, axis=-1)
+    b_blk = jax.lax.dynamic_slice_in_dim(b_fp8, kb * BLOCK, BLOCK, axis=-1)
+    partial = jax.lax.dot_general(a_blk, b_blk, dims, preferred_element_type=jnp.float32)
+    scale_a = jax.lax.dynamic_index_in_dim(sa, kb, axis=-1, keepdims=False)[..., :, None]
+    scale_b = jax.lax.dynamic_index_in_dim(sb_rows, kb, axis=-1, keepdims=False)[..., None, :]
+    return acc + partial * (scale_a * scale_b)
+
+  return jax.lax.fori_loop(0, a_fp8.shape[-1] // BLOCK, step, jnp.zeros(out_shape, jnp.float32))
+
+
+def gemm_nt(a, b, *, c, out_dtype):
+  """`d [m, n] = c + a @ b.T`; see `fp8.gemm_nt`."""
+  (a_fp8, sa), (b_fp8, sb) = a, b
+  d = promoted_matmul(a_fp8, sa, b_fp8, _scales_per_row(sb, b_fp8.shape[0]))
+  if c is not None:
+    d = d + c
+  return d.astype(out_dtype)
+
+
+def m_grouped_gemm_nt_contiguous(a, b, m_indices, *, out_dtype):
+  """`d[r] = a[r] @ b[m_indices[r]].T`, zero where `m_indices[r] == -1`; see the public docstring.
+
+  Walks the 128-row blocks with `lax.map`; each block uses its group's weights in place.
+  """
+  (a_fp8, sa), (b_fp8, sb) = a, b
+  m_sum, k = a_fp8.shape
+  num_groups, n, _ = b_fp8.shape
+  num_blocks = m_sum // M_ALIGNMENT
+
+  def one_block(args):
+    a_blk, sa_blk, group = args
+    g = jnp.clip(group, 0, num_groups - 1)
+    b_g = jax.lax.dynamic_index_in_dim(b_fp8, g, keepdims=False)
+    sb_g = _scales_per_row(jax.lax.dynamic_index_in_dim(sb, g, keepdims=False), n)
+    return promoted_matmul(a_blk, sa_blk, b_g, sb_g)
+
+  blocks = (a_fp8.reshape(num_blocks, M_ALIGNMENT, k), sa.reshape(num_blocks, M_ALIGNMENT, -1),
+            block_groups(m_indices))
+  d = jax.lax.map(one_block, blocks).reshape(m_sum, n)
+  computes, broken = contiguous_row_status(m_indices, num_groups)
+  d = jnp.where(computes[:, None], d, jnp.where(broken[:, None], jnp.nan, 0.0))
+  return d.astype(out_dtype)
+
+
+def m_grouped_gemm_nt_masked(a, b, masked_m, expected_m, *, out_dtype):
+  """`d[g, r] = a[g, r] @ b[g].T` for `r < masked_m[g]`, zero after; see the public docstring."""
+  del expected_m  # a tiling hint for kernels
+  (a_fp8, sa), (b_fp8, sb) = a, b
+  num_groups, m_max, _ = a_fp8.shape
+  d = promoted_matmul(a_fp8, sa, b_fp8, _scales_per_row(sb, b_fp8.shape[1]))
+  rows = jnp.arange(m_max, dtype=jnp.int32)
+  valid = rows[None, :] < masked_m[:, None]
+  broken = (masked_m < 0) | (masked_m > m_max)  # traced counts that cannot be right
+  d = jnp.where(valid[..., None], d, 0.0)
+  d = jnp.where(broken[:, None, None], jnp.nan, d)
+  return d.astype(out_dtype)
+
+
+def k_grouped_gemm_tn_contiguous(a, b, ks, *, c):
+  """`d[g] = c[g] + a[k_g].T @ b[k_g]` in f32 over each group's block of k rows; see the public docstring."""
+  (a_fp8, sa), (b_fp8, sb) = a, b
+  sum_k, m = a_fp8.shape
+  n = b_fp8.shape[1]
+  num_groups = ks.shape[0]
+  ends = jnp.cumsum(ks)
+  contract_rows = (((0,), (0,)), ((), ()))
+
+  def step(kb, acc):
+    start = kb * BLOCK
+    group = jnp.searchsorted(ends, start, side="right")  # == num_groups past sum(ks): dropped
+    a_blk = jax.lax.dynamic_slice_in_dim(a_fp8, start, BLOCK, axis=0)
+    b_blk = jax.lax.dynamic_slice_in_dim(b_fp8, start, BLOCK, axis=0)
+    partial = jax.lax.dot_general(a_blk, b_blk, contract_rows, preferred_element_type=jnp.float32)
+    scale = jax.lax.dynamic_index_in_dim(sa, kb, keepdims=False)[:, None] * \
+        jax.lax.dynamic_index_in_dim(sb, kb, keepdims=False)[None, :]
+    return acc.at[group].add(partial * scale, mode="drop")
+
+  init = jnp.zeros((num_groups, m, n), jnp.float32) if c is None else c
+  d = jax.lax.fori_loop(0, sum_k // BLOCK, step, init)
+  broken = jnp.any((ks < 0) | (ks % BLOCK != 0)) | (jnp.sum(ks) > sum_k)  # traced ks only
+  return jnp.where(broken, jnp.nan, d)
