@@ -14,6 +14,7 @@ error, becomes NaN), so every cast here clips to +-448 first.
 
 from __future__ import annotations
 
+import functools
 import numbers
 
 import jax
@@ -89,8 +90,11 @@ def quantize_per_token(x, *, block: int = BLOCK, ue8m0: bool = False) -> tuple[j
   Returns:
     `(x_fp8 [..., m, k] float8_e4m3fn, scale [..., m, ceil(k / block)] float32)`.
   """
-  block = _check_block(block)
-  x = _check_input("x", x, 1)
+  return _quantize_per_token(_check_input("x", x, 1), _check_block(block), bool(ue8m0))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _quantize_per_token(x, block, ue8m0):
   k = x.shape[-1]
   num_blocks = -(-k // block)
   tiles = _pad_to(x.astype(jnp.float32), -1, block).reshape(*x.shape[:-1], num_blocks, block)
@@ -110,8 +114,11 @@ def quantize_per_channel(x, *, block: int = BLOCK, ue8m0: bool = False) -> tuple
   Returns:
     `(x_fp8 [..., m, k] float8_e4m3fn, scale [..., ceil(m / block), k] float32)`.
   """
-  block = _check_block(block)
-  x = _check_input("x", x, 2)
+  return _quantize_per_channel(_check_input("x", x, 2), _check_block(block), bool(ue8m0))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _quantize_per_channel(x, block, ue8m0):
   m, k = x.shape[-2:]
   num_blocks = -(-m // block)
   tiles = _pad_to(x.astype(jnp.float32), -2, block).reshape(*x.shape[:-2], num_blocks, block, k)
@@ -131,8 +138,11 @@ def quantize_per_block(w, *, block: int = BLOCK, ue8m0: bool = False) -> tuple[j
   Returns:
     `(w_fp8 [..., n, k] float8_e4m3fn, scale [..., ceil(n / block), ceil(k / block)] float32)`.
   """
-  block = _check_block(block)
-  w = _check_input("w", w, 2)
+  return _quantize_per_block(_check_input("w", w, 2), _check_block(block), bool(ue8m0))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _quantize_per_block(w, block, ue8m0):
   n, k = w.shape[-2:]
   num_n, num_k = -(-n // block), -(-k // block)
   padded = _pad_to(_pad_to(w.astype(jnp.float32), -2, block), -1, block)
@@ -177,5 +187,11 @@ def dequantize(x_fp8, scale, *, block: int = BLOCK, out_dtype=jnp.float32) -> ja
   m, k = x_fp8.shape[-2:]
   edge_m = _tile_edge("scale", m, scale.shape[-2], block)
   edge_k = _tile_edge("scale", k, scale.shape[-1], block)
+  return _dequantize(x_fp8, scale, edge_m, edge_k, jnp.dtype(out_dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _dequantize(x_fp8, scale, edge_m, edge_k, out_dtype):
+  m, k = x_fp8.shape[-2:]
   spread = jnp.repeat(jnp.repeat(scale.astype(jnp.float32), edge_m, axis=-2), edge_k, axis=-1)
   return (x_fp8.astype(jnp.float32) * spread[..., :m, :k]).astype(out_dtype)

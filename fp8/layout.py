@@ -8,6 +8,8 @@ belongs to one group or to none, and a kernel can pick one weight matrix per blo
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -40,6 +42,11 @@ def contiguous_m_indices(group_sizes, m_sum: int) -> tuple[jax.Array, jax.Array]
   sizes = jnp.asarray(group_sizes, dtype=jnp.int32)
   if sizes.ndim != 1:
     raise ValueError(f"group_sizes must be 1-D [num_groups], got shape {sizes.shape}")
+  return _contiguous_m_indices(sizes, int(m_sum))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _contiguous_m_indices(sizes, m_sum):
   aligned = (sizes + M_ALIGNMENT - 1) // M_ALIGNMENT * M_ALIGNMENT
   starts = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(aligned, dtype=jnp.int32)])
   rows = jnp.arange(m_sum, dtype=jnp.int32)

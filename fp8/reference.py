@@ -11,6 +11,8 @@ except that traced group metadata that breaks the layout turns the affected outp
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -50,6 +52,7 @@ def promoted_matmul(a_fp8, sa, b_fp8, sb_rows) -> jax.Array:
   return jax.lax.fori_loop(0, a_fp8.shape[-1] // BLOCK, step, jnp.zeros(out_shape, jnp.float32))
 
 
+@functools.partial(jax.jit, static_argnames=("out_dtype",))
 def gemm_nt(a, b, *, c, out_dtype):
   """`d [m, n] = c + a @ b.T`; see `fp8.gemm_nt`."""
   (a_fp8, sa), (b_fp8, sb) = a, b
@@ -59,6 +62,7 @@ def gemm_nt(a, b, *, c, out_dtype):
   return d.astype(out_dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("out_dtype",))
 def m_grouped_gemm_nt_contiguous(a, b, m_indices, *, out_dtype):
   """`d[r] = a[r] @ b[m_indices[r]].T`, zero where `m_indices[r] == -1`; see the public docstring.
 
@@ -84,6 +88,7 @@ def m_grouped_gemm_nt_contiguous(a, b, m_indices, *, out_dtype):
   return d.astype(out_dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("expected_m", "out_dtype"))
 def m_grouped_gemm_nt_masked(a, b, masked_m, expected_m, *, out_dtype):
   """`d[g, r] = a[g, r] @ b[g].T` for `r < masked_m[g]`, zero after; see the public docstring."""
   del expected_m  # a tiling hint for kernels
@@ -98,6 +103,7 @@ def m_grouped_gemm_nt_masked(a, b, masked_m, expected_m, *, out_dtype):
   return d.astype(out_dtype)
 
 
+@jax.jit
 def k_grouped_gemm_tn_contiguous(a, b, ks, *, c):
   """`d[g] = c[g] + a[k_g].T @ b[k_g]` in f32 over each group's block of k rows; see the public docstring."""
   (a_fp8, sa), (b_fp8, sb) = a, b
