@@ -5,7 +5,11 @@ fine-grained f32 scales, accumulating in f32 and promoting per 128-wide k block.
 
 `implementation` names a backend: `"xla"` (pure jnp, everywhere). `None` tries the backends
 preferred on the current platform in order and falls through on `NotImplementedError`.
-Arguments are checked once, here, before any backend sees them.
+
+Arguments are checked once, here, before any backend sees them. The grouped layouts' row
+semantics are also applied here, once for every backend, in one elementwise pass over the
+output: padding and masked-out rows become exactly zero (a backend may leave them unwritten),
+and rows whose traced metadata breaks the layout become NaN.
 """
 
 from __future__ import annotations
@@ -15,15 +19,18 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from fp8 import reference, validation
+from fp8 import layout, reference, validation
+from fp8.formats import BLOCK
 
-# Backends per op. A kernel module adds its entry here; `_PREFERRED` orders them per platform.
+# Backends per op. A kernel module adds its entry here and to PLATFORMS; `_PREFERRED` orders them.
 IMPLEMENTATIONS: dict[str, dict[str, Callable[..., Any]]] = {
     "gemm_nt": {"xla": reference.gemm_nt},
     "m_grouped_gemm_nt_contiguous": {"xla": reference.m_grouped_gemm_nt_contiguous},
     "m_grouped_gemm_nt_masked": {"xla": reference.m_grouped_gemm_nt_masked},
     "k_grouped_gemm_tn_contiguous": {"xla": reference.k_grouped_gemm_tn_contiguous},
 }
+# Where each backend runs (the test suite runs the others only under the `gpu` marker).
+PLATFORMS: dict[str, tuple[str, ...]] = {"xla": ("cpu", "gpu", "tpu")}
 _PREFERRED = {"gpu": ("mosaic_gpu", "xla"), "cuda": ("mosaic_gpu", "xla")}
 _DEFAULT_ORDER = ("xla",)
 
@@ -81,8 +88,10 @@ def m_grouped_gemm_nt_contiguous(a, b, m_indices, *, out_dtype=None,
   Returns:
     `d [m_sum, n]` of `out_dtype`.
   """
-  _, out_dtype, m_indices = validation.check_m_grouped_contiguous(a, b, m_indices, out_dtype)
-  return _run("m_grouped_gemm_nt_contiguous", implementation, a, b, m_indices, out_dtype=out_dtype)
+  dims, out_dtype, m_indices = validation.check_m_grouped_contiguous(a, b, m_indices, out_dtype)
+  d = _run("m_grouped_gemm_nt_contiguous", implementation, a, b, m_indices, out_dtype=out_dtype)
+  is_padding, broken = layout.contiguous_row_status(m_indices, dims.num_groups)
+  return jnp.where(broken[:, None], jnp.nan, jnp.where(is_padding[:, None], 0, d)).astype(out_dtype)
 
 
 def m_grouped_gemm_nt_masked(a, b, masked_m, expected_m: int, *, out_dtype=None,
@@ -103,8 +112,12 @@ def m_grouped_gemm_nt_masked(a, b, masked_m, expected_m: int, *, out_dtype=None,
   Returns:
     `d [G, m_max, n]` of `out_dtype`.
   """
-  _, out_dtype, masked_m = validation.check_m_grouped_masked(a, b, masked_m, expected_m, out_dtype)
-  return _run("m_grouped_gemm_nt_masked", implementation, a, b, masked_m, int(expected_m), out_dtype=out_dtype)
+  dims, out_dtype, masked_m = validation.check_m_grouped_masked(a, b, masked_m, expected_m, out_dtype)
+  d = _run("m_grouped_gemm_nt_masked", implementation, a, b, masked_m, int(expected_m), out_dtype=out_dtype)
+  valid = jnp.arange(dims.m, dtype=jnp.int32)[None, :] < masked_m[:, None]
+  broken = (masked_m < 0) | (masked_m > dims.m)  # traced counts that cannot be right
+  d = jnp.where(valid[..., None], d, 0)
+  return jnp.where(broken[:, None, None], jnp.nan, d).astype(out_dtype)
 
 
 def k_grouped_gemm_tn_contiguous(a, b, ks, *, c=None, implementation: str | None = None) -> jax.Array:
@@ -125,5 +138,7 @@ def k_grouped_gemm_tn_contiguous(a, b, ks, *, c=None, implementation: str | None
   Returns:
     `d [G, m, n]` float32.
   """
-  _, ks = validation.check_k_grouped(a, b, ks, c)
-  return _run("k_grouped_gemm_tn_contiguous", implementation, a, b, ks, c=c)
+  dims, ks = validation.check_k_grouped(a, b, ks, c)
+  d = _run("k_grouped_gemm_tn_contiguous", implementation, a, b, ks, c=c)
+  broken = jnp.any((ks < 0) | (ks % BLOCK != 0)) | (jnp.sum(ks) > dims.k)  # traced ks only
+  return jnp.where(broken, jnp.nan, d)

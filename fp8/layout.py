@@ -58,7 +58,7 @@ def _contiguous_m_indices(sizes, m_sum):
 
 
 def block_groups(m_indices: jax.Array) -> jax.Array:
-  """The group of each 128-row block: its largest index, so -1 only for an all-padding block.
+  """The group of each 128-row block: its first row's index, as DeepGEMM reads it (-1: skip).
 
   Args:
     m_indices: `[m_sum]` int32 with `m_sum % 128 == 0`.
@@ -66,21 +66,28 @@ def block_groups(m_indices: jax.Array) -> jax.Array:
   Returns:
     `[m_sum // 128]` int32.
   """
-  return jnp.max(m_indices.reshape(-1, M_ALIGNMENT), axis=-1)
+  return m_indices.reshape(-1, M_ALIGNMENT)[:, 0]
 
 
 def contiguous_row_status(m_indices: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
   """Which rows of a contiguous layout compute, and which break the layout.
 
-  Under jit `m_indices` cannot be checked up front, so the implementations use this to make a
-  broken layout loud: its rows come out NaN instead of silently using another group's weights.
+  A well-formed block is `[g] * r + [-1] * (128 - r)`: the group's rows first, padding after,
+  and a block with padding is its group's last. Under jit `m_indices` cannot be checked up
+  front, so the GEMM makes a broken layout loud: its rows come out NaN instead of silently
+  using another group's weights (or none, as a kernel that reads only the first row would).
 
   Returns:
-    `(computes [m_sum] bool, broken [m_sum] bool)`. A row computes when its index is its
-    block's group; it is broken when it is neither that nor -1, or is out of [-1, num_groups).
+    `(is_padding [m_sum] bool, broken [m_sum] bool)`: rows marked -1, and rows that are
+    neither padding nor a well-placed row of their block's group in [0, num_groups).
   """
-  groups = jnp.repeat(block_groups(m_indices), M_ALIGNMENT)
-  in_range = (m_indices >= -1) & (m_indices < num_groups)
-  computes = in_range & (m_indices >= 0) & (m_indices == groups)
-  broken = ~in_range | ((m_indices != -1) & (m_indices != groups))
-  return computes, broken
+  blocks = m_indices.reshape(-1, M_ALIGNMENT)
+  first = blocks[:, 0]
+  is_padding = blocks == -1
+  after_padding = jax.lax.cummax(is_padding.astype(jnp.int32), axis=1).astype(bool)
+  has_padding = is_padding.any(axis=1)
+  # A block that continues the previous block's group although that block had padding: a gap.
+  continues_after_gap = jnp.concatenate([jnp.zeros(1, bool), (first[1:] == first[:-1]) & has_padding[:-1]])
+  good = ((blocks == first[:, None]) & ~after_padding & (blocks >= 0) & (blocks < num_groups)
+          & ~continues_after_gap[:, None])
+  return is_padding.reshape(-1), (~is_padding & ~good).reshape(-1)

@@ -5,8 +5,8 @@ f32 result gives a partial product, which is scaled by `sa[m] * sb[n_block, k_bl
 added into an f32 accumulator ("promotion"). The loop over k blocks is a `fori_loop`, so the
 only large buffers are the accumulator and one partial, both the size of the output.
 
-Arguments arrive checked by `fp8.validation`; these functions do no checking of their own,
-except that traced group metadata that breaks the layout turns the affected output into NaN.
+Arguments arrive checked by `fp8.validation`, and `fp8.api` zeros padding and masked-out rows
+and poisons broken layouts afterwards, the same for every backend; these functions only compute.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 
 from fp8.formats import BLOCK
-from fp8.layout import M_ALIGNMENT, block_groups, contiguous_row_status
+from fp8.layout import M_ALIGNMENT, block_groups
 
-# k blocks per loop iteration: lets XLA fuse neighbouring blocks (1.4-1.8x on CPU) at bounded compile time.
+# k blocks per loop iteration: lets XLA fuse neighbouring blocks at bounded compile time (docs/performance.md).
 _UNROLL = 8
 
 
@@ -41,6 +41,8 @@ def promoted_matmul(a_fp8, sa, b_fp8, sb_rows) -> jax.Array:
     `[..., m, n]` float32.
   """
   batch = a_fp8.ndim - 2
+  if a_fp8.shape[-1] == 0:
+    return jnp.zeros((*a_fp8.shape[:-1], b_fp8.shape[-2]), jnp.float32)
   dims = (((batch + 1,), (batch + 1,)), (tuple(range(batch)), tuple(range(batch))))
   out_shape = (*a_fp8.shape[:-1], b_fp8.shape[-2])
 
@@ -67,48 +69,45 @@ def gemm_nt(a, b, *, c, out_dtype):
 
 @functools.partial(jax.jit, static_argnames=("out_dtype",))
 def m_grouped_gemm_nt_contiguous(a, b, m_indices, *, out_dtype):
-  """`d[r] = a[r] @ b[m_indices[r]].T`, zero where `m_indices[r] == -1`; see the public docstring.
+  """Each 128-row block times its group's weights: `d[blk] = a[blk] @ b[m_indices[blk * 128]].T`.
 
-  Walks the 128-row blocks with `lax.map`; each block uses its group's weights in place.
+  Walks the blocks with `lax.map`, indexing the group's weights in place (never a copy per
+  block). Padding rows come out as whatever they compute; `fp8.api` zeros them.
   """
   (a_fp8, sa), (b_fp8, sb) = a, b
   m_sum, k = a_fp8.shape
   num_groups, n, _ = b_fp8.shape
   num_blocks = m_sum // M_ALIGNMENT
+  if num_blocks == 0:
+    return jnp.zeros((0, n), out_dtype)
 
   def one_block(args):
     a_blk, sa_blk, group = args
     g = jnp.clip(group, 0, num_groups - 1)
     b_g = jax.lax.dynamic_index_in_dim(b_fp8, g, keepdims=False)
     sb_g = _scales_per_row(jax.lax.dynamic_index_in_dim(sb, g, keepdims=False), n)
-    return promoted_matmul(a_blk, sa_blk, b_g, sb_g)
+    return promoted_matmul(a_blk, sa_blk, b_g, sb_g).astype(out_dtype)
 
   blocks = (a_fp8.reshape(num_blocks, M_ALIGNMENT, k), sa.reshape(num_blocks, M_ALIGNMENT, -1),
             block_groups(m_indices))
-  d = jax.lax.map(one_block, blocks).reshape(m_sum, n)
-  computes, broken = contiguous_row_status(m_indices, num_groups)
-  d = jnp.where(computes[:, None], d, jnp.where(broken[:, None], jnp.nan, 0.0))
-  return d.astype(out_dtype)
+  return jax.lax.map(one_block, blocks).reshape(m_sum, n)
 
 
-@functools.partial(jax.jit, static_argnames=("expected_m", "out_dtype"))
 def m_grouped_gemm_nt_masked(a, b, masked_m, expected_m, *, out_dtype):
-  """`d[g, r] = a[g, r] @ b[g].T` for `r < masked_m[g]`, zero after; see the public docstring."""
-  del expected_m  # a tiling hint for kernels
+  """`d[g] = a[g] @ b[g].T` for every row; `fp8.api` zeros the rows past `masked_m[g]`."""
+  del masked_m, expected_m  # all rows are computed; the hint is for kernels (and not a jit key here)
+  return _batched_gemm_nt(a, b, out_dtype=out_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype",))
+def _batched_gemm_nt(a, b, *, out_dtype):
   (a_fp8, sa), (b_fp8, sb) = a, b
-  num_groups, m_max, _ = a_fp8.shape
-  d = promoted_matmul(a_fp8, sa, b_fp8, _scales_per_row(sb, b_fp8.shape[1]))
-  rows = jnp.arange(m_max, dtype=jnp.int32)
-  valid = rows[None, :] < masked_m[:, None]
-  broken = (masked_m < 0) | (masked_m > m_max)  # traced counts that cannot be right
-  d = jnp.where(valid[..., None], d, 0.0)
-  d = jnp.where(broken[:, None, None], jnp.nan, d)
-  return d.astype(out_dtype)
+  return promoted_matmul(a_fp8, sa, b_fp8, _scales_per_row(sb, b_fp8.shape[1])).astype(out_dtype)
 
 
 @jax.jit
 def k_grouped_gemm_tn_contiguous(a, b, ks, *, c):
-  """`d[g] = c[g] + a[k_g].T @ b[k_g]` in f32 over each group's block of k rows; see the public docstring."""
+  """`d[g] = c[g] + a[k_g].T @ b[k_g]` in f32 over each group's block of k rows; rows past sum(ks) are skipped."""
   (a_fp8, sa), (b_fp8, sb) = a, b
   sum_k, m = a_fp8.shape
   n = b_fp8.shape[1]
@@ -127,6 +126,6 @@ def k_grouped_gemm_tn_contiguous(a, b, ks, *, c):
     return acc.at[group].add(partial * scale, mode="drop")
 
   init = jnp.zeros((num_groups, m, n), jnp.float32) if c is None else c
-  d = jax.lax.fori_loop(0, sum_k // BLOCK, step, init, unroll=_UNROLL)
-  broken = jnp.any((ks < 0) | (ks % BLOCK != 0)) | (jnp.sum(ks) > sum_k)  # traced ks only
-  return jnp.where(broken, jnp.nan, d)
+  if sum_k == 0:
+    return init
+  return jax.lax.fori_loop(0, sum_k // BLOCK, step, init, unroll=_UNROLL)

@@ -40,7 +40,10 @@ def _concrete(x) -> np.ndarray | None:
 def _operand(name: str, pair, data_ndim: int) -> tuple[jax.Array, jax.Array]:
   if not isinstance(pair, (tuple, list)) or len(pair) != 2:
     raise ValueError(f"{name} must be a pair ({name}_fp8, {name}_scale), got {type(pair).__name__}")
-  data, scale = (jnp.asarray(p) if not isinstance(p, jax.Array) else p for p in pair)
+  try:
+    data, scale = (jnp.asarray(p) if not isinstance(p, jax.Array) else p for p in pair)
+  except TypeError as err:
+    raise ValueError(f"{name} must hold two arrays ({name}_fp8, {name}_scale): {err}") from None
   if data.dtype != FP8_DTYPE:
     raise ValueError(f"{name}[0] must be float8_e4m3fn (see fp8.quantize_per_token), got {data.dtype}")
   if scale.dtype != jnp.float32:
@@ -88,12 +91,24 @@ def _check_c(c, expected: tuple[int, ...]) -> None:
   _expect_shape("c", c, expected, "the accumulator added to the product")
 
 
-def _int_array(name: str, x, shape: tuple[int, ...]) -> jax.Array:
-  x = x if isinstance(x, jax.Array) else jnp.asarray(x)
-  if not jnp.issubdtype(x.dtype, jnp.integer):
+def _int_array(name: str, x, shape: tuple[int, ...] | None) -> jax.Array:
+  """`x` as int32, checked for dtype and shape (None: 1-D, non-empty), and for int32 range while concrete."""
+  if not isinstance(x, jax.Array):
+    try:
+      x = np.asarray(x)
+    except (TypeError, ValueError, jax.errors.TracerArrayConversionError) as err:
+      raise ValueError(f"{name} must be an int array or a list of ints (a traced list: pass an array), "
+                       f"got {type(x).__name__}: {err}") from None
+  if shape is None and (x.ndim != 1 or x.shape[0] < 1):
+    raise ValueError(f"{name} must be a non-empty 1-D list or array of group sizes, got shape {x.shape}")
+  if not np.issubdtype(x.dtype, np.integer):
     raise ValueError(f"{name} must be an integer array, got dtype {x.dtype}")
-  _expect_shape(name, x, shape, f"one entry per {'row' if name == 'm_indices' else 'group'}")
-  return x.astype(jnp.int32)
+  if shape is not None:
+    _expect_shape(name, x, shape, f"one entry per {'row' if name == 'm_indices' else 'group'}")
+  values = _concrete(x)
+  if values is not None and values.size and (values.min() < -2**31 or values.max() >= 2**31):
+    raise ValueError(f"{name} holds values outside int32: min {values.min()}, max {values.max()}")
+  return jnp.asarray(x, jnp.int32)
 
 
 def check_gemm_nt(a, b, c, out_dtype) -> tuple[GemmDims, jnp.dtype]:
@@ -148,14 +163,21 @@ def _check_contiguous_values(values: np.ndarray, num_groups: int) -> None:
     row = int(np.argmax(bad))
     raise ValueError(f"m_indices[{row}]={values[row]} is out of range: groups are 0..{num_groups - 1}, -1 is padding")
   blocks = values.reshape(-1, M_ALIGNMENT)
-  block_group = blocks.max(axis=-1)
-  mixed = ((blocks != -1) & (blocks != block_group[:, None])).any(axis=-1)
-  if mixed.any():
-    block = int(np.argmax(mixed))
-    found = sorted(set(blocks[block].tolist()) - {-1})
-    raise ValueError(f"m_indices rows {block * M_ALIGNMENT}..{(block + 1) * M_ALIGNMENT - 1} mix groups {found}: "
-                     f"each group must start on a multiple of {M_ALIGNMENT}, padded with -1")
-  used = block_group[block_group >= 0]
+  first = blocks[:, 0]
+  is_padding = blocks == -1
+  after_padding = np.maximum.accumulate(is_padding, axis=1)
+  misplaced = ~is_padding & ((blocks != first[:, None]) | after_padding)
+  if misplaced.any():
+    block = int(np.argmax(misplaced.any(axis=1)))
+    raise ValueError(f"m_indices rows {block * M_ALIGNMENT}..{(block + 1) * M_ALIGNMENT - 1} are not one group's "
+                     f"rows followed by padding: each group must start on a multiple of {M_ALIGNMENT}, "
+                     f"with its -1 padding after its last row")
+  has_padding = is_padding.any(axis=1)
+  gap = (first[1:] == first[:-1]) & (first[1:] >= 0) & has_padding[:-1]
+  if gap.any():
+    block = int(np.argmax(gap)) + 1
+    raise ValueError(f"m_indices: group {first[block]} has -1 padding in the middle, before row {block * M_ALIGNMENT}")
+  used = first[first >= 0]
   runs = used[np.concatenate([[True], used[1:] != used[:-1]])] if used.size else used
   if len(runs) != len(set(runs.tolist())):
     repeated = next(g for g in runs.tolist() if (runs == g).sum() > 1)
@@ -192,10 +214,7 @@ def check_k_grouped(a, b, ks, c) -> tuple[GemmDims, jax.Array]:
   _check_n(n)
   _expect_shape("a[1]", sa, (sum_k // BLOCK, m), "one scale per 128x1 tile: fp8.quantize_per_channel")
   _expect_shape("b[1]", sb, (sum_k // BLOCK, n), "one scale per 128x1 tile: fp8.quantize_per_channel")
-  ks_array = ks if isinstance(ks, jax.Array) else np.asarray(ks)
-  if ks_array.ndim != 1 or ks_array.shape[0] < 1:
-    raise ValueError(f"ks must be a non-empty 1-D list or array of group sizes, got shape {ks_array.shape}")
-  ks_array = _int_array("ks", ks_array, ks_array.shape)
+  ks_array = _int_array("ks", ks, None)
   num_groups = ks_array.shape[0]
   values = _concrete(ks_array)
   if values is not None:

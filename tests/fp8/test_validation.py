@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import fp8
@@ -59,7 +61,12 @@ CONTIGUOUS = [
     (dict(m_indices=M_INDICES.astype(jnp.float32)), "m_indices must be an integer array"),
     (dict(m_indices=M_INDICES.at[7].set(2)), r"m_indices\[7\]=2 is out of range"),
     (dict(m_indices=M_INDICES.at[7].set(-2)), r"m_indices\[7\]=-2 is out of range"),
-    (dict(m_indices=M_INDICES.at[130].set(0)), "rows 128..255 mix groups"),
+    (dict(m_indices=M_INDICES.at[130].set(0)), "rows 128..255 are not one group's rows followed by padding"),
+    (dict(m_indices=M_INDICES.at[128:192].set(-1)), "rows 128..255 are not one group's rows"),  # padding first
+    (dict(m_indices=M_INDICES.at[100:128].set(-1).at[128:].set(0)), "group 0 has -1 padding in the middle"),
+    (dict(m_indices=np.full(256, 2**32, np.int64)), "outside int32"),
+    (dict(a=(GA[0].astype(jnp.bfloat16), GA[1])), r"a\[0\] must be float8_e4m3fn"),
+    (dict(b=(GB[0], GB[1].astype(jnp.float16))), r"b\[1\] .* must be float32"),
     (dict(a=_pair(384, 256, (384, 2)), m_indices=jnp.repeat(jnp.array([0, 1, 0], jnp.int32), 128)),
      "group 0's rows are not contiguous"),
     (dict(out_dtype=jnp.int8), "out_dtype"),
@@ -73,9 +80,16 @@ def test_contiguous_rejects(override, match):
     fp8.m_grouped_gemm_nt_contiguous(**args)
 
 
-def test_contiguous_accepts_padding_inside_a_block():
+def test_contiguous_accepts_padding_after_a_group_and_whole_padding_blocks():
   m_indices = M_INDICES.at[100:128].set(-1)
   assert fp8.m_grouped_gemm_nt_contiguous(GA, GB, m_indices).shape == (256, 128)
+  m_indices = jnp.full(256, -1, jnp.int32).at[128:200].set(1)
+  assert fp8.m_grouped_gemm_nt_contiguous(GA, GB, m_indices).shape == (256, 128)
+
+
+def test_traced_ks_list_is_a_clear_error():
+  with pytest.raises(ValueError, match="ks must be an int array or a list of ints"):
+    jax.jit(lambda k: fp8.k_grouped_gemm_tn_contiguous(KA, KB, [k, 128]))(128)
 
 
 MASKED = [
@@ -85,6 +99,8 @@ MASKED = [
     (dict(masked_m=jnp.array([1, 2, 3])), r"masked_m must have shape \(2,\)"),
     (dict(masked_m=jnp.array([1, 33])), r"masked_m\[1\]=33 must be in \[0, m_max=32\]"),
     (dict(masked_m=jnp.array([-1, 3])), r"masked_m\[0\]=-1"),
+    (dict(masked_m=np.array([2**32 + 1, 3], np.int64)), "masked_m holds values outside int32"),
+    (dict(a=(MA[0], MA[1].astype(jnp.bfloat16))), r"a\[1\] .* must be float32"),
     (dict(expected_m=2.5), "expected_m must be a non-negative int"),
     (dict(expected_m=-1), "expected_m"),
 ]
@@ -109,6 +125,7 @@ K_GROUPED = [
     (dict(ks=[-128, 128]), r"ks\[0\]=-128"),
     (dict(ks=[256, 128]), r"sum\(ks\)=384 exceeds the 256 k rows"),
     (dict(ks=[128.0, 128.0]), "ks must be an integer array"),
+    (dict(a=("abc", KA[1])), "a must hold two arrays"),
     (dict(c=jnp.zeros((2, 64, 64), jnp.float32)), r"c must have shape \(2, 64, 128\)"),
     (dict(c=jnp.zeros((2, 64, 128), jnp.bfloat16)), "c must be a float32"),
 ]
