@@ -8,8 +8,10 @@ floor keeps all-zero tiles from dividing by zero (DeepGEMM's `clamp(1e-4)`). Wit
 Tiles are counted with ceil division: a trailing partial tile gets its own scale, computed as
 if the tensor were zero-padded. The GEMMs need full 128-wide k tiles; the quantizers do not.
 
-JAX's cast to float8_e4m3fn does not saturate (anything past 448, even 448 plus a rounding
-error, becomes NaN), so every cast here clips to +-448 first.
+JAX's cast to float8_e4m3fn does not saturate: a value that rounds past 448 (from about 464
+up, and inf) becomes NaN instead of 448. `x * (1 / scale)` overshoots 448 by at most an ulp,
+which still rounds to 448, but every cast here clips to +-448 first so that no scale choice
+(UE8M0, a caller's block size, a future recipe) can produce NaN from finite input.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def _scale_from_amax(amax: jax.Array, ue8m0: bool) -> jax.Array:
 
 
 def _cast(x: jax.Array, inverse_scale: jax.Array) -> jax.Array:
-  # DeepGEMM multiplies by 1/scale; the product may land a rounding error past 448.
+  # DeepGEMM multiplies by 1/scale; clip so that nothing can round past 448 into NaN.
   return jnp.clip(x * inverse_scale, -FP8_MAX, FP8_MAX).astype(FP8_DTYPE)
 
 

@@ -12,6 +12,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 M_ALIGNMENT = 128
 
@@ -39,6 +40,10 @@ def contiguous_m_indices(group_sizes, m_sum: int) -> tuple[jax.Array, jax.Array]
   """
   if m_sum < 0 or m_sum % M_ALIGNMENT:
     raise ValueError(f"m_sum must be a non-negative multiple of {M_ALIGNMENT}, got {m_sum}")
+  if not isinstance(group_sizes, jax.core.Tracer):
+    concrete = np.asarray(group_sizes)
+    if concrete.dtype.kind not in "iu" or (concrete < 0).any():
+      raise ValueError(f"group_sizes must be non-negative integers, got {concrete!r}")
   sizes = jnp.asarray(group_sizes, dtype=jnp.int32)
   if sizes.ndim != 1:
     raise ValueError(f"group_sizes must be 1-D [num_groups], got shape {sizes.shape}")

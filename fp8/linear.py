@@ -85,6 +85,11 @@ def linear(x, w, *, ue8m0: bool = False, implementation: str | None = None) -> j
     raise ValueError(f"w must be 2-D [out_features, in_features], got shape {w.shape}")
   if x.ndim < 1 or x.shape[-1] != w.shape[1]:
     raise ValueError(f"x's last dim must equal w's in_features {w.shape[1]}, got x shape {x.shape}")
+  missing = [op for op in ("gemm_nt", "k_grouped_gemm_tn_contiguous")
+             if implementation is not None and implementation not in api.IMPLEMENTATIONS[op]]
+  if missing:
+    raise ValueError(f"implementation={implementation!r} is not available for {missing[0]}, which the "
+                     "linear layer's backward needs; choose one both GEMMs have, or None")
   lead = x.shape[:-1]
   y = _linear_2d(x.reshape(-1, x.shape[-1]), w, bool(ue8m0), implementation)
   return y.reshape(*lead, w.shape[0])

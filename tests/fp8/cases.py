@@ -14,10 +14,19 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import fp8
+from fp8.api import IMPLEMENTATIONS, PLATFORMS
 
 NAN_FP8 = jnp.array(jnp.nan, jnp.float8_e4m3fn)
+
+
+def implementations(*ops: str) -> list:
+  """pytest params: the backends every op in `ops` has; those that cannot run on CPU are marked gpu."""
+  names = sorted(set.intersection(*(set(IMPLEMENTATIONS[op]) for op in ops)))
+  return [pytest.param(name, marks=() if "cpu" in PLATFORMS.get(name, ()) else pytest.mark.gpu)
+          for name in names]
 
 
 class Problem(NamedTuple):

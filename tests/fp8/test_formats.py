@@ -35,7 +35,8 @@ def _tile_amax(x: np.ndarray, kind: str) -> np.ndarray:
 def test_scale_is_clamped_amax_over_448(kind, m, k):
   quantize, scale_shape = QUANTIZERS[kind]
   x = normal(m + k, (m, k), jnp.float32) * 3.0
-  x = x.at[0].set(0.0)  # an all-zero row: its per-token tiles take the amax floor
+  # All-zero tiles of every shape take the amax floor: row 0 (1x128), column 0 (128x1), a corner (128x128).
+  x = x.at[0].set(0.0).at[:, 0].set(0.0).at[128:, 128:].set(0.0)
   x_fp8, scale = quantize(x)
   assert x_fp8.dtype == jnp.float8_e4m3fn and x_fp8.shape == (m, k)
   assert scale.dtype == jnp.float32 and scale.shape == scale_shape(m, k)
@@ -66,6 +67,15 @@ def test_no_nan_at_the_saturation_edge(kind):
     assert not np.isnan(np.asarray(x_fp8, np.float32)).any()
   huge = jnp.full((128, 128), 3.0e38, jnp.float32).at[0, 0].set(-3.3e38)
   assert not np.isnan(np.asarray(quantize(huge)[0], np.float32)).any()
+
+
+def test_cast_saturates_instead_of_nan():
+  """The clip before every cast: unclipped, JAX's e4m3fn cast turns 470, 1e4 and inf into NaN."""
+  from fp8.formats import _cast
+  values = jnp.array([470.0, -470.0, 1e4, jnp.inf, -jnp.inf, 448.00003, 0.5])
+  np.testing.assert_array_equal(np.asarray(_cast(values, jnp.float32(1.0)), np.float32),
+                                [448, -448, 448, 448, -448, 448, 0.5])
+  assert np.isnan(np.asarray(jnp.float32(470.0).astype(jnp.float8_e4m3fn), np.float32))  # why the clip exists
 
 
 @given(st.floats(min_value=1e-30, max_value=1e30, allow_subnormal=False))
@@ -137,6 +147,8 @@ def test_calc_diff():
     (lambda: fp8.dequantize(jnp.ones((4, 256)), jnp.ones((4, 3))), "scale has 3 scales"),
     (lambda: fp8.dequantize(jnp.ones((4, 256)), jnp.ones((2, 4, 2))), "does not match"),
     (lambda: fp8.contiguous_m_indices(jnp.array([3]), 100), "m_sum"),
+    (lambda: fp8.contiguous_m_indices(jnp.array([3, -1]), 128), "group_sizes must be non-negative"),
+    (lambda: fp8.contiguous_m_indices([1.5], 128), "group_sizes must be non-negative integers"),
 ])
 def test_bad_input(call, match):
   with pytest.raises(ValueError, match=match):

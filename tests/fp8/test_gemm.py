@@ -14,15 +14,13 @@ import numpy as np
 import pytest
 
 import fp8
-from fp8.api import IMPLEMENTATIONS
 from tests.fp8 import cases
 
 ACCURACY = 1e-3  # DeepGEMM's bar against the unquantized product
 EXACTNESS = 1e-6  # against float64 on the dequantized operands: only f32 rounding may differ
 
 
-def _impls(op: str):
-  return sorted(IMPLEMENTATIONS[op])
+_impls = cases.implementations
 
 
 def _check(out, problem: cases.Problem, *, out_dtype=jnp.bfloat16):
@@ -30,6 +28,8 @@ def _check(out, problem: cases.Problem, *, out_dtype=jnp.bfloat16):
   assert out.shape == problem.ref.shape
   out = cases.f64(out)
   assert not np.isnan(out).any(), "a NaN leaked: a padding or masked-out row was read"
+  # Padding, masked-out rows and empty groups are exactly zero, not merely small.
+  assert (out[problem.ref == 0] == 0).all()
   assert fp8.calc_diff(out, problem.ref) < ACCURACY
   exactness = EXACTNESS if out_dtype == jnp.float32 else 1e-5  # bf16 output rounding
   assert fp8.calc_diff(out, problem.exact) < exactness
@@ -69,8 +69,8 @@ def test_gemm_nt_ue8m0(implementation):
 
 
 @pytest.mark.parametrize("implementation", _impls("gemm_nt"))
-def test_gemm_nt_promotes_per_k_block(implementation):
-  """Blocks of very different magnitude: one shared scale would flush the small ones to zero."""
+def test_gemm_nt_applies_each_k_blocks_scales(implementation):
+  """k blocks of very different magnitude: a scale applied to the wrong block shows at once."""
   m, n, k = 64, 128, 512
   x = cases.normal(7, (m, k), jnp.float32) * jnp.repeat(jnp.array([1e-6, 1.0, 1e3, 1e-3]), 128)
   w = cases.normal(8, (n, k), jnp.float32) * jnp.repeat(jnp.array([1e4, 1.0, 1e-5, 10.0]), 128)
@@ -92,9 +92,49 @@ def test_gemm_nt_jit_and_vmap(implementation):
 
 
 @pytest.mark.parametrize("implementation", _impls("gemm_nt"))
-def test_gemm_nt_empty_m(implementation):
+def test_gemm_nt_empty_m_and_k(implementation):
   problem = cases.gemm_nt_problem(9, 0, 128, 256)
   assert fp8.gemm_nt(*problem.args, implementation=implementation).shape == (0, 128)
+  problem = cases.gemm_nt_problem(9, 32, 128, 0, with_c=True)
+  out = fp8.gemm_nt(*problem.args, **problem.kwargs, implementation=implementation)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(problem.kwargs["c"]))
+
+
+@pytest.mark.parametrize("implementation", _impls("m_grouped_gemm_nt_contiguous", "m_grouped_gemm_nt_masked",
+                                                  "k_grouped_gemm_tn_contiguous"))
+def test_grouped_empty_inputs(implementation):
+  a = fp8.quantize_per_token(jnp.zeros((0, 256)))
+  b = fp8.quantize_per_block(jnp.ones((2, 128, 256)))
+  out = fp8.m_grouped_gemm_nt_contiguous(a, b, jnp.zeros((0,), jnp.int32), implementation=implementation)
+  assert out.shape == (0, 128)
+  a = fp8.quantize_per_token(jnp.zeros((2, 0, 256)))
+  out = fp8.m_grouped_gemm_nt_masked(a, b, jnp.zeros(2, jnp.int32), 1, implementation=implementation)
+  assert out.shape == (2, 0, 128)
+  empty_k = fp8.quantize_per_channel(jnp.zeros((0, 64)))
+  out = fp8.k_grouped_gemm_tn_contiguous(empty_k, fp8.quantize_per_channel(jnp.zeros((0, 128))), [0],
+                                         implementation=implementation)
+  np.testing.assert_array_equal(np.asarray(out), np.zeros((1, 64, 128)))
+
+
+@pytest.mark.parametrize("implementation", _impls("m_grouped_gemm_nt_contiguous", "m_grouped_gemm_nt_masked",
+                                                  "k_grouped_gemm_tn_contiguous"))
+def test_grouped_under_vmap(implementation):
+  contiguous = [cases.contiguous_problem(seed, [100, 28], 128, 256) for seed in (40, 41)]
+  masked = [cases.masked_problem(seed, [3, 30], 32, 128, 256) for seed in (42, 43)]
+  k_grouped = [cases.k_grouped_problem(seed, [128, 0, 256], 64, 128) for seed in (44, 45)]
+  stack = lambda problems, n: jax.tree.map(lambda *xs: jnp.stack(xs), *[p.args[:n] for p in problems])
+  runs = [
+      (contiguous, jax.vmap(functools.partial(fp8.m_grouped_gemm_nt_contiguous, out_dtype=jnp.float32,
+                                              implementation=implementation)), stack(contiguous, 3)),
+      (masked, jax.vmap(functools.partial(fp8.m_grouped_gemm_nt_masked, expected_m=16, out_dtype=jnp.float32,
+                                          implementation=implementation)), stack(masked, 3)),
+      (k_grouped, jax.vmap(functools.partial(fp8.k_grouped_gemm_tn_contiguous, implementation=implementation)),
+       (*stack(k_grouped, 2), jnp.array([p.args[2] for p in k_grouped], jnp.int32))),
+  ]
+  for problems, mapped, args in runs:
+    out = mapped(*args)
+    for i, problem in enumerate(problems):
+      _check(out[i], problem, out_dtype=jnp.float32)
 
 
 # ---- m-grouped, contiguous layout ----

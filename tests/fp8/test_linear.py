@@ -10,10 +10,9 @@ import pytest
 from flax import nnx
 
 import fp8
-from fp8.api import IMPLEMENTATIONS
-from tests.fp8.cases import normal
+from tests.fp8.cases import implementations, normal
 
-IMPLS = sorted(IMPLEMENTATIONS["gemm_nt"])
+IMPLS = implementations("gemm_nt", "k_grouped_gemm_tn_contiguous")
 
 
 def _vjps(x, w, dy, **kwargs):
@@ -74,6 +73,17 @@ def test_nnx_module_trains():
   assert losses[-1] < 0.1 * losses[0]
 
 
+def test_vmap_over_a_stack_of_layers_and_empty_batches():
+  xs, ws, dys = normal(12, (3, 64, 256)), normal(13, (3, 128, 256)), normal(14, (3, 64, 128))
+  grads = jax.vmap(lambda x, w, dy: jax.vjp(fp8.linear, x, w)[1](dy))(xs, ws, dys)
+  for i in range(3):
+    want = jax.vjp(fp8.linear, xs[i], ws[i])[1](dys[i])
+    for g, r in zip(grads, want):
+      np.testing.assert_allclose(np.asarray(g[i], np.float32), np.asarray(r, np.float32), rtol=1e-2, atol=1e-2)
+  dx, dw = jax.grad(lambda x, w: jnp.sum(fp8.linear(x, w)), argnums=(0, 1))(jnp.zeros((0, 256)), ws[0])
+  assert dx.shape == (0, 256) and not np.asarray(dw).any()
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda: fp8.linear(jnp.ones((4, 64)), jnp.ones((32, 128))), "in_features 128"),
     (lambda: fp8.linear(jnp.ones((4, 64)), jnp.ones((32, 64, 1))), "w must be 2-D"),
@@ -81,6 +91,7 @@ def test_nnx_module_trains():
     (lambda: fp8.linear(jnp.ones((4, 64)), jnp.ones((32, 64), jnp.float8_e4m3fn)), "w must be"),
     (lambda: fp8.linear(jnp.ones(()), jnp.ones((32, 64))), "x's last dim"),
     (lambda: fp8.Linear(0, 8, rngs=nnx.Rngs(0)), "in_features must be a positive int"),
+    (lambda: fp8.linear(jnp.ones((4, 64)), jnp.ones((32, 64)), implementation="cutlass"), "not available"),
 ])
 def test_bad_input(call, match):
   with pytest.raises(ValueError, match=match):
