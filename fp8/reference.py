@@ -54,7 +54,8 @@ def promoted_matmul(a_fp8, sa, b_fp8, sb_rows) -> jax.Array:
     scale_b = jax.lax.dynamic_index_in_dim(sb_rows, kb, axis=-1, keepdims=False)[..., None, :]
     return acc + partial * (scale_a * scale_b)
 
-  return jax.lax.fori_loop(0, a_fp8.shape[-1] // BLOCK, step, jnp.zeros(out_shape, jnp.float32), unroll=_UNROLL)
+  num_blocks = a_fp8.shape[-1] // BLOCK
+  return jax.lax.fori_loop(0, num_blocks, step, jnp.zeros(out_shape, jnp.float32), unroll=min(_UNROLL, num_blocks))
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype",))
@@ -128,4 +129,4 @@ def k_grouped_gemm_tn_contiguous(a, b, ks, *, c):
   init = jnp.zeros((num_groups, m, n), jnp.float32) if c is None else c
   if sum_k == 0:
     return init
-  return jax.lax.fori_loop(0, sum_k // BLOCK, step, init, unroll=_UNROLL)
+  return jax.lax.fori_loop(0, sum_k // BLOCK, step, init, unroll=min(_UNROLL, sum_k // BLOCK))
