@@ -75,8 +75,10 @@ def m_grouped_gemm_nt_contiguous(a, b, m_indices, *, out_dtype=None,
 
   Each group's rows are contiguous and start on a multiple of 128
   (`get_m_alignment_for_contiguous_layout()`); the rows padding a group up to the next
-  multiple hold -1 in `m_indices`, and their output is zero. Under jit, a row that breaks the
-  layout (a 128-row block that mixes groups, or an index outside [-1, G)) comes out NaN.
+  multiple hold -1 in `m_indices`, and their output is zero; whole blocks of -1 are allowed
+  anywhere (a capacity-sized buffer). So each 128-row block reads `[g] * r + [-1] * (128 - r)`.
+  Under jit, a row that breaks this (a block that mixes groups, a group row after padding, an
+  index outside [-1, G)) comes out NaN.
 
   Args:
     a: `(a_fp8 [m_sum, k] float8_e4m3fn, sa [m_sum, k/128] float32)`; m_sum a multiple of 128.
