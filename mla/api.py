@@ -1,0 +1,72 @@
+"""`flash_mla_with_kvcache`: MLA decoding over a paged latent cache, FlashMLA's API, with `implementation=`.
+
+`"xla"` is the scheduled split-KV algorithm in jnp (`mla.splitkv`); it runs everywhere.
+`None` tries the platform's preferred backends in order and falls through on
+`NotImplementedError`; an unknown name raises ValueError. Arguments are checked once, here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+
+from mla import splitkv, validation
+
+# Backends, and where each runs (the tests run the others only under the `gpu` marker).
+IMPLEMENTATIONS: dict[str, Callable[..., Any]] = {"xla": splitkv.flash_mla_splitkv}
+PLATFORMS: dict[str, tuple[str, ...]] = {"xla": ("cpu", "gpu", "tpu")}
+_PREFERRED = {"gpu": ("mosaic_gpu", "xla")}
+_DEFAULT_ORDER = ("xla",)
+
+
+def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: int, tile_scheduler_metadata,
+                           num_splits, *, softmax_scale: float | None = None, causal: bool = False,
+                           is_fp8_kvcache: bool = False,
+                           implementation: str | None = None) -> tuple[jax.Array, jax.Array]:
+  """Decode attention of each request's queries over its paged latent KV cache.
+
+  MQA/GQA: query head h uses KV head `h // (heads_q // heads_k)`. V is the first `head_dim_v`
+  columns of the K cache (MLA's latent); there is no second cache.
+
+  Args:
+    q: `[batch, seq_q, heads_q, dim_qk]` bfloat16 or float16; dim_qk is usually 576 (512
+      latent + 64 RoPE), and seq_q > 1 is multi-token (MTP) decoding.
+    k_cache: `[num_blocks, 64, heads_k, dim_qk]` in q's dtype; with `is_fp8_kvcache`,
+      `[num_blocks, 64, heads_k, 656]` uint8 from `mla.quantize_kv_cache`.
+    block_table: `[batch, max_blocks]` int32, each request's pages in order. Entries past a
+      request's length are never read (FlashMLA's tests fill them with 2147480000).
+    cache_seqlens: `[batch]` int32, cached tokens per request (0 allowed).
+    head_dim_v: V's width, usually 512; at most dim_qk.
+    tile_scheduler_metadata: `[num_sm_parts, 8]` int32 from `get_mla_metadata`, for these
+      `cache_seqlens` and head counts.
+    num_splits: `[batch + 1]` int32 from `get_mla_metadata`.
+    softmax_scale: defaults to `dim_qk ** -0.5`.
+    causal: with seq_q > 1, query i of a request of length L sees keys `< L - seq_q + i + 1`.
+    is_fp8_kvcache: decode from the 656-byte FP8 cache.
+    implementation: a backend name, or None for the platform's best.
+
+  Returns:
+    `(out [batch, seq_q, heads_q, head_dim_v] q.dtype, lse [batch, heads_q, seq_q] float32)`,
+    lse in natural log. A query with no visible key (length 0, or causal past the start) gets
+    out = 0 and lse = +inf. Metadata that does not match the lengths gives NaN for the requests
+    it misses.
+  """
+  dims = validation.check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
+                                      num_splits, softmax_scale, is_fp8_kvcache)
+  scale = float(dims.dim_qk ** -0.5 if softmax_scale is None else softmax_scale)
+  kwargs = dict(head_dim_v=dims.dim_v, softmax_scale=scale, causal=bool(causal) and dims.seq_q > 1,
+                is_fp8_kvcache=bool(is_fp8_kvcache))
+  args = (q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits)
+  if implementation is not None:
+    if implementation not in IMPLEMENTATIONS:
+      raise ValueError(f"implementation={implementation!r} is not available; choose from "
+                       f"{sorted(IMPLEMENTATIONS)} or None")
+    return IMPLEMENTATIONS[implementation](*args, **kwargs)
+  order = [name for name in _PREFERRED.get(jax.default_backend(), _DEFAULT_ORDER) if name in IMPLEMENTATIONS]
+  for name in order[:-1]:
+    try:
+      return IMPLEMENTATIONS[name](*args, **kwargs)
+    except NotImplementedError:
+      continue
+  return IMPLEMENTATIONS[order[-1]](*args, **kwargs)
