@@ -1,17 +1,18 @@
 """`python -m benchmarks`: every suite, one table, results appended under benchmarks/results/.
 
-Suites so far: balancer (CPU, numpy) and fp8 (the xla GEMMs against bf16; DeepGEMM's shapes on a
-GPU, scaled down on CPU). GPU kernel suites join here as their issues land.
+Suites so far: balancer (CPU, numpy), fp8 (the xla GEMMs against bf16; DeepGEMM's shapes on a
+GPU, scaled down on CPU) and mla (split-KV decode against the dense oracle; FlashMLA's cases on a
+GPU). GPU kernel suites join here as their issues land.
 """
 
 import sys
 
 from absl import app
 
-from benchmarks import bench_balancer, bench_fp8
+from benchmarks import bench_balancer, bench_fp8, bench_mla
 from benchmarks.harness import append_results, format_table
 
-SUITES = {"balancer": bench_balancer.run, "fp8": bench_fp8.run}
+SUITES = {"balancer": bench_balancer.run, "fp8": bench_fp8.run, "mla": bench_mla.run}
 
 
 def main(argv):
