@@ -2,7 +2,8 @@
 
 `"xla"` is the scheduled split-KV algorithm in jnp (`mla.splitkv`); it runs everywhere.
 `None` tries the platform's preferred backends in order and falls through on
-`NotImplementedError`; an unknown name raises ValueError. Arguments are checked once, here.
+`NotImplementedError`; an unknown name raises ValueError. Arguments are checked once, here,
+and the metadata's coverage of the lengths is checked here for every backend.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
-from mla import splitkv, validation
+from mla import metadata, splitkv, validation
 
 # Backends, and where each runs (the tests run the others only under the `gpu` marker).
 IMPLEMENTATIONS: dict[str, Callable[..., Any]] = {"xla": splitkv.flash_mla_splitkv}
@@ -52,12 +54,20 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     out = 0 and lse = +inf. Metadata that does not match the lengths gives NaN for the requests
     it misses.
   """
-  dims = validation.check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
-                                      num_splits, softmax_scale, is_fp8_kvcache)
+  args, dims = validation.check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v,
+                                            tile_scheduler_metadata, num_splits, softmax_scale, is_fp8_kvcache)
   scale = float(dims.dim_qk ** -0.5 if softmax_scale is None else softmax_scale)
   kwargs = dict(head_dim_v=dims.dim_v, softmax_scale=scale, causal=bool(causal) and dims.seq_q > 1,
                 is_fp8_kvcache=bool(is_fp8_kvcache))
-  args = (q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits)
+  out, lse = _run(implementation, args, kwargs)
+  # Every backend trusts the metadata; a request it does not cover exactly once is NaN, not wrong.
+  stale = metadata.uncovered_requests(args.tile_scheduler_metadata, args.num_splits, args.cache_seqlens,
+                                      dims.max_blocks)
+  return (jnp.where(stale[:, None, None, None], jnp.nan, out).astype(out.dtype),
+          jnp.where(stale[:, None, None], jnp.nan, lse))
+
+
+def _run(implementation, args, kwargs):
   if implementation is not None:
     if implementation not in IMPLEMENTATIONS:
       raise ValueError(f"implementation={implementation!r} is not available; choose from "

@@ -29,7 +29,7 @@ def combine_splits(o_accum: jax.Array, lse_accum: jax.Array, num_splits: jax.Arr
   owner = jnp.searchsorted(num_splits, slots, side="right").astype(jnp.int32) - 1
   owner = jnp.where(slots < num_splits[-1], owner, batch)  # unused slots go to a dropped segment
   peak = jax.ops.segment_max(lse_accum, owner, num_segments=batch + 1)[:batch]
-  has_key = jnp.isfinite(peak)
+  has_key = peak != -jnp.inf  # a NaN partial (a bad read) stays NaN rather than passing as "no keys"
   peak = jnp.where(has_key, peak, 0.0)
   peak_of_slot = jnp.concatenate([peak, jnp.zeros((1, *peak.shape[1:]), peak.dtype)])[owner]
   weight = jnp.exp(lse_accum - peak_of_slot)  # exp(-inf) = 0 for splits without keys

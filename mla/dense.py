@@ -56,7 +56,7 @@ def dense_decode(q, k_cache, block_table, cache_seqlens, *, head_dim_v: int, sof
   scores = jnp.einsum("bskgd,btkd->bkgst", q, k) * softmax_scale
   scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
   lse = jax.nn.logsumexp(scores, axis=-1)  # [b, h_kv, g, s_q]; -inf when nothing is visible
-  has_key = jnp.isfinite(lse)
+  has_key = jnp.broadcast_to(visible.any(-1)[:, None, None], lse.shape)  # not isfinite: NaN must stay NaN
   probs = jnp.where(visible[:, None, None], jnp.exp(scores - jnp.where(has_key, lse, 0)[..., None]), 0.0)
   in_length = position[None, :] < cache_seqlens[:, None]
   v = jnp.where(in_length[:, :, None, None], k[..., :head_dim_v], 0.0)  # pages past the length may be NaN

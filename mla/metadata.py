@@ -122,3 +122,55 @@ def _schedule(seqlens: jax.Array, num_sm_parts: int) -> tuple[jax.Array, jax.Arr
   _, _, _, splits, metadata = jax.lax.fori_loop(0, num_sm_parts, one_partition, init)
   num_splits = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(splits, dtype=jnp.int32)])
   return metadata, num_splits
+
+
+def expand_pieces(tile_scheduler_metadata: jax.Array, num_splits: jax.Array, num_blocks: jax.Array,
+                  max_blocks: int):
+  """Expands partition rows into pieces, one per (partition, request) pair, in slot order.
+
+  Args:
+    tile_scheduler_metadata: `[num_sm_parts, 8]` int32.
+    num_splits: `[b + 1]` int32.
+    num_blocks: `[b]` int32, `ceil(cache_seqlens / 64)`.
+    max_blocks: block-table width; block ranges are clipped to it.
+
+  Returns:
+    `(valid, request, first_block, end_block, slot)`, each `[b + num_sm_parts]` int32 (valid:
+    bool). A piece covers blocks `first_block : end_block` of `request` and writes its partial
+    to `slot = num_splits[request] + its split index`; invalid pieces have slot `b + num_sm_parts`.
+  """
+  batch = num_blocks.shape[0]
+  rows = tile_scheduler_metadata
+  num_parts = rows.shape[0]
+  num_pieces = batch + num_parts  # at most b + num_sm_parts - 1: each split boundary adds one
+  begin_req, end_req = rows[:, BEGIN_REQ], rows[:, END_REQ]
+  per_part = jnp.maximum(end_req - begin_req + 1, 0)
+  first_piece = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(per_part, dtype=jnp.int32)])
+  piece = jnp.arange(num_pieces, dtype=jnp.int32)
+  part = jnp.clip(jnp.searchsorted(first_piece, piece, side="right").astype(jnp.int32) - 1, 0, num_parts - 1)
+  req = begin_req[part] + piece - first_piece[part]
+  valid = (piece < first_piece[-1]) & (req >= 0) & (req < batch)
+  req = jnp.clip(req, 0, batch - 1)
+  is_first, is_last = req == begin_req[part], req == end_req[part]
+  start = jnp.where(is_first, rows[part, BEGIN_BLOCK], 0)
+  stop = jnp.minimum(jnp.where(is_last, rows[part, END_BLOCK], num_blocks[req]), max_blocks)
+  valid &= (start >= 0) & (start <= stop)
+  slot = jnp.where(valid, num_splits[req] + jnp.where(is_first, rows[part, BEGIN_SPLIT], 0), num_pieces)
+  return valid, req, start, stop, slot
+
+
+def uncovered_requests(tile_scheduler_metadata: jax.Array, num_splits: jax.Array, cache_seqlens: jax.Array,
+                       max_blocks: int) -> jax.Array:
+  """`[b]` bool: requests whose blocks the metadata does not cover exactly once, slot by slot.
+
+  Stale metadata (from other lengths) or metadata of another batch would silently give a wrong
+  answer; `mla.api` turns these requests' outputs into NaN instead.
+  """
+  num_blocks = (jnp.maximum(cache_seqlens, 0) + PAGE_SIZE - 1) // PAGE_SIZE
+  valid, req, start, stop, slot = expand_pieces(tile_scheduler_metadata, num_splits, num_blocks, max_blocks)
+  num_pieces = valid.shape[0]
+  covered = jax.ops.segment_sum(jnp.where(valid, stop - start, 0), req, num_segments=num_blocks.shape[0])
+  fills = jnp.zeros(num_pieces + 1, jnp.int32).at[slot].add(1)[:num_pieces]
+  used = jnp.arange(num_pieces) < num_splits[-1]
+  consistent = (jnp.sum(valid) == num_splits[-1]) & jnp.all(jnp.where(used, fills == 1, fills == 0))
+  return (covered != num_blocks) | ~consistent

@@ -8,8 +8,7 @@ request's slots by log-sum-exp, exactly the data flow of FlashMLA's kernel and c
 
 All pieces advance together, one KV page per step, for as many steps as the longest piece
 (a traced bound: the scheduler balances pieces, so this is about total_blocks / num_sm_parts).
-Metadata that does not cover every block of a request exactly once (stale metadata, or metadata
-of another batch) turns that request's output into NaN instead of a silently wrong answer.
+`mla.api` checks that the metadata covers every block exactly once, for every backend.
 """
 
 from __future__ import annotations
@@ -24,35 +23,6 @@ from mla.combine import combine_splits
 from mla.fp8_cache import unpack
 
 
-def _pieces(tile_scheduler_metadata, num_splits, num_blocks, max_blocks: int):
-  """Expands partition rows into pieces: (valid, request, first block, end block, slot), each `[num_pieces]`."""
-  batch = num_blocks.shape[0]
-  rows = tile_scheduler_metadata
-  num_parts = rows.shape[0]
-  num_pieces = batch + num_parts  # at most b + num_sm_parts - 1 (each split boundary adds one)
-  begin_req, end_req = rows[:, meta.BEGIN_REQ], rows[:, meta.END_REQ]
-  per_part = jnp.maximum(end_req - begin_req + 1, 0)
-  first_piece = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(per_part, dtype=jnp.int32)])
-  piece = jnp.arange(num_pieces, dtype=jnp.int32)
-  part = jnp.clip(jnp.searchsorted(first_piece, piece, side="right").astype(jnp.int32) - 1, 0, num_parts - 1)
-  req = begin_req[part] + piece - first_piece[part]
-  valid = (piece < first_piece[-1]) & (req >= 0) & (req < batch)
-  req = jnp.clip(req, 0, batch - 1)
-  is_first, is_last = req == begin_req[part], req == end_req[part]
-  start = jnp.where(is_first, rows[part, meta.BEGIN_BLOCK], 0)
-  stop = jnp.minimum(jnp.where(is_last, rows[part, meta.END_BLOCK], num_blocks[req]), max_blocks)
-  slot = num_splits[req] + jnp.where(is_first, rows[part, meta.BEGIN_SPLIT], 0)
-  valid &= (start >= 0) & (start <= stop)
-  # Loud on bad metadata: every request's blocks covered exactly once, every slot filled once.
-  covered = jax.ops.segment_sum(jnp.where(valid, stop - start, 0), req, num_segments=batch)
-  slot = jnp.where(valid, slot, num_pieces)
-  fills = jnp.zeros(num_pieces + 1, jnp.int32).at[slot].add(1)[:num_pieces]
-  used = piece < num_splits[-1]
-  consistent = (first_piece[-1] == num_splits[-1]) & jnp.all(jnp.where(used, fills == 1, fills == 0))
-  broken = (covered != num_blocks) | ~consistent
-  return valid, req, start, stop, slot, broken
-
-
 @functools.partial(jax.jit, static_argnames=("head_dim_v", "causal", "is_fp8_kvcache"))
 def flash_mla_splitkv(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, *,
                       head_dim_v: int, softmax_scale: float, causal: bool,
@@ -64,7 +34,7 @@ def flash_mla_splitkv(q, k_cache, block_table, cache_seqlens, tile_scheduler_met
   num_rows = seq_q * group  # MTP tokens x heads per KV head, folded into M as FlashMLA does
   max_blocks = block_table.shape[1]
   num_blocks = (cache_seqlens + page_size - 1) // page_size
-  valid, req, start, stop, slot, broken = _pieces(tile_scheduler_metadata, num_splits, num_blocks, max_blocks)
+  valid, req, start, stop, slot = meta.expand_pieces(tile_scheduler_metadata, num_splits, num_blocks, max_blocks)
   num_pieces = valid.shape[0]
 
   q_rows = q.reshape(batch, seq_q, heads_k, group, dim_qk).transpose(0, 2, 1, 3, 4)
@@ -100,15 +70,14 @@ def flash_mla_splitkv(q, k_cache, block_table, cache_seqlens, tile_scheduler_met
           jnp.zeros((num_pieces, heads_k, num_rows, head_dim_v), jnp.float32))
   steps = jnp.max(jnp.where(valid, stop - start, 0))
   row_max, denom, acc = jax.lax.fori_loop(0, steps, step, init)
-  seen = denom > 0
+  seen = row_max > -jnp.inf  # saw a visible key; NaN from a bad read stays NaN (NaN > x is False, so test ==)
+  seen = seen | jnp.isnan(row_max)
   lse_piece = jnp.where(seen, row_max + jnp.log(jnp.where(seen, denom, 1.0)), -jnp.inf)
   o_piece = jnp.where(seen[..., None], acc / jnp.where(seen, denom, 1.0)[..., None], 0.0)
 
   o_accum = jnp.zeros_like(o_piece).at[slot].set(o_piece, mode="drop")
   lse_accum = jnp.full_like(lse_piece, -jnp.inf).at[slot].set(lse_piece, mode="drop")
   out, lse = combine_splits(o_accum, lse_accum, num_splits)  # [b, h_kv, rows, dv], [b, h_kv, rows]
-  out = jnp.where(broken[:, None, None, None], jnp.nan, out)
-  lse = jnp.where(broken[:, None, None], jnp.nan, lse)
   out = out.reshape(batch, heads_k, seq_q, group, head_dim_v).transpose(0, 2, 1, 3, 4)
   lse = lse.reshape(batch, heads_k, seq_q, group).transpose(0, 1, 3, 2)
   return out.reshape(batch, seq_q, heads_q, head_dim_v).astype(q.dtype), lse.reshape(batch, heads_q, seq_q)

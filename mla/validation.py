@@ -7,11 +7,23 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mla.fp8_cache import BYTES_PER_TOKEN, D_NOPE, D_ROPE
 from mla.metadata import METADATA_SIZE, PAGE_SIZE
 
 Q_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+class DecodeArgs(NamedTuple):
+  """The array arguments, converted to jax arrays, in `flash_mla_with_kvcache`'s order."""
+
+  q: jax.Array
+  k_cache: jax.Array
+  block_table: jax.Array
+  cache_seqlens: jax.Array
+  tile_scheduler_metadata: jax.Array
+  num_splits: jax.Array
 
 
 class DecodeDims(NamedTuple):
@@ -44,8 +56,8 @@ def _int32(name: str, x, shape: tuple[int, ...], what: str) -> None:
 
 
 def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
-                      num_splits, softmax_scale, is_fp8_kvcache) -> DecodeDims:
-  """Checks every argument once; returns the sizes."""
+                      num_splits, softmax_scale, is_fp8_kvcache) -> tuple[DecodeArgs, DecodeDims]:
+  """Checks every argument once; returns the arrays (converted) and the sizes."""
   q, k_cache = _array("q", q), _array("k_cache", k_cache)
   block_table, cache_seqlens = _array("block_table", block_table), _array("cache_seqlens", cache_seqlens)
   metadata, num_splits = _array("tile_scheduler_metadata", tile_scheduler_metadata), _array("num_splits", num_splits)
@@ -90,10 +102,20 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_s
                      f"got shape {metadata.shape}")
   _int32("tile_scheduler_metadata", metadata, tuple(metadata.shape), "from get_mla_metadata")
   _int32("num_splits", num_splits, (batch + 1,), "from get_mla_metadata, batch + 1 entries")
-  if softmax_scale is not None and not isinstance(softmax_scale, numbers.Real):
-    raise ValueError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+  if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real)):
+    raise ValueError(f"softmax_scale must be a Python float or None, got {type(softmax_scale).__name__}")
   if batch == 0 or seq_q == 0 or heads_q == 0:
     raise ValueError(f"q must have a non-empty batch, seq_q and heads, got shape {q.shape}")
-  del num_blocks
-  return DecodeDims(batch, seq_q, heads_q, heads_k, dim_qk, int(head_dim_v), block_table.shape[1],
-                    metadata.shape[0])
+  if num_blocks == 0 or block_table.shape[1] == 0:
+    raise ValueError(f"k_cache needs at least one page and block_table at least one column, got "
+                     f"k_cache {k_cache.shape} and block_table {block_table.shape}")
+  if not isinstance(cache_seqlens, jax.core.Tracer):
+    lengths = np.asarray(cache_seqlens)
+    capacity = block_table.shape[1] * PAGE_SIZE
+    if (lengths < 0).any() or (lengths > capacity).any():
+      r = int(np.argmax((lengths < 0) | (lengths > capacity)))
+      raise ValueError(f"cache_seqlens[{r}]={lengths[r]} must be in [0, {capacity}] "
+                       f"(block_table has {block_table.shape[1]} pages of {PAGE_SIZE})")
+  args = DecodeArgs(q, k_cache, block_table, cache_seqlens, metadata, num_splits)
+  return args, DecodeDims(batch, seq_q, heads_q, heads_k, dim_qk, int(head_dim_v), block_table.shape[1],
+                          metadata.shape[0])

@@ -31,7 +31,12 @@ CASES = [
     (dict(tile_scheduler_metadata=META[:, :4]), r"tile_scheduler_metadata must be \[num_sm_parts, 8\]"),
     (dict(tile_scheduler_metadata=META.astype(jnp.float32)), "tile_scheduler_metadata must be int32"),
     (dict(num_splits=SPLITS[:2]), r"num_splits must have shape \(3,\)"),
-    (dict(softmax_scale="0.1"), "softmax_scale must be a float"),
+    (dict(softmax_scale="0.1"), "softmax_scale must be a Python float"),
+    (dict(softmax_scale=True), "softmax_scale must be a Python float"),
+    (dict(block_table=TABLE[:, :0]), "at least one column"),
+    (dict(k_cache=K[:0]), "at least one page"),
+    (dict(cache_seqlens=jnp.array([10, 129], jnp.int32)), r"cache_seqlens\[1\]=129 must be in \[0, 128\]"),
+    (dict(cache_seqlens=jnp.array([-1, 100], jnp.int32)), r"cache_seqlens\[0\]=-1"),
     (dict(is_fp8_kvcache=True), "k_cache must be uint8"),
     (dict(is_fp8_kvcache=True, k_cache=jnp.zeros((4, 64, 1, 600), jnp.uint8)), "656 bytes per token"),
     (dict(is_fp8_kvcache=True, k_cache=jnp.zeros((4, 64, 1, 656), jnp.uint8), q=Q[..., :512]),
@@ -46,3 +51,8 @@ def test_rejects(override, match):
               tile_scheduler_metadata=META, num_splits=SPLITS) | override
   with pytest.raises(ValueError, match=match):
     mla.flash_mla_with_kvcache(**args)
+
+
+def test_lists_are_converted_once():
+  out, lse = mla.flash_mla_with_kvcache(Q, K, [[0, 1], [2, 3]], [10, 100], 512, META, SPLITS)
+  assert out.shape == (2, 1, 16, 512) and lse.shape == (2, 16, 1)
