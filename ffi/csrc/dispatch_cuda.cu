@@ -11,6 +11,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
@@ -39,23 +40,18 @@ int RowThreads(int64_t n) {
   return static_cast<int>(t < 32 ? 32 : (t > kThreads ? kThreads : t));
 }
 
-std::string DimsStr(ffi::Span<const int64_t> d) {
-  std::string s = "[";
-  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
-  return s + "]";
+template <typename Dims>
+std::string DimsStr(const Dims& dims) {
+  std::string s;
+  for (int64_t d : dims) s += (s.empty() ? "" : ", ") + std::to_string(d);
+  return "[" + s + "]";
 }
 
-// Empty error when `got` equals `want`, else "<name>: expected shape [...], got [...]".
+// Empty when `got` equals `want`, else "<name>: expected shape [...], got [...]".
 std::string CheckShape(const char* name, ffi::Span<const int64_t> got,
                        std::initializer_list<int64_t> want) {
-  bool ok = got.size() == want.size();
-  size_t i = 0;
-  for (int64_t w : want) ok = ok && got[i++] == w;
-  if (ok) return "";
-  std::string w = "[";
-  i = 0;
-  for (int64_t v : want) w += (i++ ? ", " : "") + std::to_string(v);
-  return std::string(name) + ": expected shape " + w + "], got " + DimsStr(got);
+  if (std::equal(got.begin(), got.end(), want.begin(), want.end())) return "";
+  return std::string(name) + ": expected shape " + DimsStr(want) + ", got " + DimsStr(got);
 }
 
 ffi::Error CudaCheck(cudaError_t err, const char* what) {
@@ -64,6 +60,17 @@ ffi::Error CudaCheck(cudaError_t err, const char* what) {
 }
 
 ffi::Error LaunchCheck(const char* kernel) { return CudaCheck(cudaGetLastError(), kernel); }
+
+ffi::Error Invalid(const std::string& msg) { return ffi::Error::InvalidArgument(msg); }
+
+#define RETURN_IF_ERROR(expr)       \
+  do {                              \
+    ffi::Error err_ = (expr);       \
+    if (err_.failure()) return err_; \
+  } while (0)
+
+using S32Buffer = ffi::Buffer<ffi::S32>;
+using S32Result = ffi::Result<ffi::Buffer<ffi::S32>>;
 
 // Common attribute checks; empty string when valid.
 std::string CheckExperts(int64_t E, int64_t R) {
@@ -119,29 +126,28 @@ __global__ void LayoutKernel(const int32_t* __restrict__ topk, int64_t T, int K,
   }
 }
 
-ffi::Error DispatchLayoutImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> topk_idx,
-                              int64_t num_experts, int64_t num_ranks,
-                              ffi::Result<ffi::Buffer<ffi::S32>> num_tokens_per_rank,
-                              ffi::Result<ffi::Buffer<ffi::S32>> num_tokens_per_expert,
+ffi::Error DispatchLayoutImpl(cudaStream_t stream, S32Buffer topk_idx, int64_t num_experts,
+                              int64_t num_ranks, S32Result num_tokens_per_rank,
+                              S32Result num_tokens_per_expert,
                               ffi::Result<ffi::Buffer<ffi::PRED>> is_token_in_rank) {
   const int64_t E = num_experts, R = num_ranks;
-  if (std::string m = CheckExperts(E, R); !m.empty()) return ffi::Error::InvalidArgument(m);
+  if (std::string m = CheckExperts(E, R); !m.empty()) return Invalid(m);
   auto td = topk_idx.dimensions();
-  if (td.size() != 2) return ffi::Error::InvalidArgument("topk_idx: expected rank 2, got " + DimsStr(td));
+  if (td.size() != 2) return Invalid("topk_idx: expected rank 2, got " + DimsStr(td));
   const int64_t T = td[0], K = td[1];
-  for (std::string m : {CheckShape("num_tokens_per_rank", num_tokens_per_rank->dimensions(), {R}),
-                        CheckShape("num_tokens_per_expert", num_tokens_per_expert->dimensions(), {E}),
-                        CheckShape("is_token_in_rank", is_token_in_rank->dimensions(), {T, R})})
-    if (!m.empty()) return ffi::Error::InvalidArgument(m);
+  for (const std::string& m :
+       {CheckShape("num_tokens_per_rank", num_tokens_per_rank->dimensions(), {R}),
+        CheckShape("num_tokens_per_expert", num_tokens_per_expert->dimensions(), {E}),
+        CheckShape("is_token_in_rank", is_token_in_rank->dimensions(), {T, R})})
+    if (!m.empty()) return Invalid(m);
 
   int32_t* per_rank = num_tokens_per_rank->typed_data();
   int32_t* per_expert = num_tokens_per_expert->typed_data();
   bool* in_rank = is_token_in_rank->typed_data();
   // The kernel only ever sets flags and adds, so everything starts at zero.
-  if (auto e = CudaCheck(cudaMemsetAsync(per_rank, 0, R * sizeof(int32_t), stream), "memset"); e.failure()) return e;
-  if (auto e = CudaCheck(cudaMemsetAsync(per_expert, 0, E * sizeof(int32_t), stream), "memset"); e.failure()) return e;
-  if (T * R > 0)
-    if (auto e = CudaCheck(cudaMemsetAsync(in_rank, 0, T * R, stream), "memset"); e.failure()) return e;
+  RETURN_IF_ERROR(CudaCheck(cudaMemsetAsync(per_rank, 0, R * sizeof(int32_t), stream), "memset"));
+  RETURN_IF_ERROR(CudaCheck(cudaMemsetAsync(per_expert, 0, E * sizeof(int32_t), stream), "memset"));
+  if (T * R > 0) RETURN_IF_ERROR(CudaCheck(cudaMemsetAsync(in_rank, 0, T * R, stream), "memset"));
   if (T == 0 || K == 0) return ffi::Error::Success();
 
   const size_t smem = (R + E) * sizeof(int32_t);
@@ -213,51 +219,46 @@ ffi::Error LaunchCopy(cudaStream_t stream, const void* x, const int32_t* src_idx
 // Element types whose rows are whole bytes (sub-byte types may be packed by XLA).
 bool ByteAddressable(ffi::DataType t) {
   switch (t) {
-    case ffi::DataType::INVALID: case ffi::DataType::TOKEN:
+    case ffi::DataType::INVALID: case ffi::DataType::TOKEN: case ffi::DataType::F4E2M1FN:
     case ffi::DataType::S1: case ffi::DataType::S2: case ffi::DataType::S4:
-    case ffi::DataType::U1: case ffi::DataType::U2: case ffi::DataType::U4:
-    case ffi::DataType::F4E2M1FN:
-      return false;
-    default:
-      return true;
+    case ffi::DataType::U1: case ffi::DataType::U2: case ffi::DataType::U4: return false;
+    default: return true;
   }
 }
 
-ffi::Error DispatchPackImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> topk_idx,
+ffi::Error DispatchPackImpl(cudaStream_t stream, ffi::AnyBuffer x, S32Buffer topk_idx,
                             int64_t num_experts, int64_t num_ranks, int64_t capacity,
-                            ffi::Result<ffi::AnyBuffer> buffer, ffi::Result<ffi::Buffer<ffi::S32>> counts,
-                            ffi::Result<ffi::Buffer<ffi::S32>> offsets,
-                            ffi::Result<ffi::Buffer<ffi::S32>> src_idx,
-                            ffi::Result<ffi::Buffer<ffi::S32>> num_dropped) {
+                            ffi::Result<ffi::AnyBuffer> buffer, S32Result counts,
+                            S32Result offsets, S32Result src_idx, S32Result num_dropped) {
   const int64_t E = num_experts, R = num_ranks, C = capacity;
-  if (std::string m = CheckExperts(E, R); !m.empty()) return ffi::Error::InvalidArgument(m);
+  if (std::string m = CheckExperts(E, R); !m.empty()) return Invalid(m);
   // offsets[r] = r * C is S32, so the flattened row count must fit.
   if (C < 0 || R * C > kInt32Max)
-    return ffi::Error::InvalidArgument("capacity: must be >= 0 with num_ranks * capacity < 2^31, got " + std::to_string(C));
+    return Invalid("capacity: need 0 <= num_ranks * capacity < 2^31, got " + std::to_string(C));
   auto xd = x.dimensions(), td = topk_idx.dimensions();
-  if (xd.size() != 2) return ffi::Error::InvalidArgument("x: expected rank 2, got " + DimsStr(xd));
-  if (!ByteAddressable(x.element_type()))
-    return ffi::Error::InvalidArgument("x: unsupported (sub-byte or token) dtype");
+  if (xd.size() != 2) return Invalid("x: expected rank 2, got " + DimsStr(xd));
+  if (!ByteAddressable(x.element_type())) return Invalid("x: unsupported sub-byte/token dtype");
   const int64_t T = xd[0], H = xd[1];
-  if (T > kInt32Max) return ffi::Error::InvalidArgument("x: more than 2^31 - 1 tokens");
+  if (T > kInt32Max) return Invalid("x: more than 2^31 - 1 tokens");  // src_idx is S32
   if (td.size() != 2 || td[0] != T)
-    return ffi::Error::InvalidArgument("topk_idx: expected shape [" + std::to_string(T) + ", K], got " + DimsStr(td));
+    return Invalid("topk_idx: expected shape [" + std::to_string(T) + ", K], got " + DimsStr(td));
   const int64_t K = td[1];
-  if (buffer->element_type() != x.element_type())
-    return ffi::Error::InvalidArgument("buffer: dtype must match x");
-  for (std::string m : {CheckShape("buffer", buffer->dimensions(), {R, C, H}),
-                        CheckShape("counts", counts->dimensions(), {R}),
-                        CheckShape("offsets", offsets->dimensions(), {R}),
-                        CheckShape("src_idx", src_idx->dimensions(), {R, C}),
-                        CheckShape("num_dropped", num_dropped->dimensions(), {R})})
-    if (!m.empty()) return ffi::Error::InvalidArgument(m);
+  if (buffer->element_type() != x.element_type()) return Invalid("buffer: dtype must match x");
+  for (const std::string& m : {CheckShape("buffer", buffer->dimensions(), {R, C, H}),
+                               CheckShape("counts", counts->dimensions(), {R}),
+                               CheckShape("offsets", offsets->dimensions(), {R}),
+                               CheckShape("src_idx", src_idx->dimensions(), {R, C}),
+                               CheckShape("num_dropped", num_dropped->dimensions(), {R})})
+    if (!m.empty()) return Invalid(m);
 
   PackScanKernel<<<R, kThreads, 0, stream>>>(
       topk_idx.typed_data(), T, static_cast<int>(K), static_cast<int>(E), static_cast<int>(R), C,
-      src_idx->typed_data(), counts->typed_data(), offsets->typed_data(), num_dropped->typed_data());
-  if (auto e = LaunchCheck("PackScanKernel"); e.failure()) return e;
+      src_idx->typed_data(), counts->typed_data(), offsets->typed_data(),
+      num_dropped->typed_data());
+  RETURN_IF_ERROR(LaunchCheck("PackScanKernel"));
 
-  const int64_t rows = R * C, row_bytes = H * static_cast<int64_t>(ffi::ByteWidth(x.element_type()));
+  const int64_t rows = R * C;
+  const int64_t row_bytes = H * static_cast<int64_t>(ffi::ByteWidth(x.element_type()));
   if (rows == 0 || row_bytes == 0) return ffi::Error::Success();
   const void* xp = x.untyped_data();
   void* bp = buffer->untyped_data();
@@ -279,8 +280,8 @@ constexpr uint32_t kNoRow = 0xffffffffu;
 // inverse[t * R + r] = the row i of rank r holding token t. A token appears at most once per
 // rank (pack guarantees it); if a caller breaks that, atomicMin keeps the lowest such row so the
 // result stays deterministic, and the other duplicates are ignored.
-__global__ void InverseKernel(const int32_t* __restrict__ src_idx, int64_t R, int64_t C, int64_t T,
-                              uint32_t* inverse) {
+__global__ void InverseKernel(const int32_t* __restrict__ src_idx, int64_t R, int64_t C,
+                              int64_t T, uint32_t* inverse) {
   for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < R * C;
        j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int32_t t = src_idx[j];
@@ -297,8 +298,8 @@ __device__ __forceinline__ void FromF32(float v, __nv_bfloat16* o) { *o = __floa
 // rounded exactly like the reference's multiply-then-add in increasing r.
 template <typename Elem>
 __global__ void CombineKernel(const Elem* __restrict__ rows, const float* __restrict__ weights,
-                              const uint32_t* __restrict__ inverse, int64_t T, int64_t R, int64_t C,
-                              int64_t H, Elem* __restrict__ out) {
+                              const uint32_t* __restrict__ inverse, int64_t T, int64_t R,
+                              int64_t C, int64_t H, Elem* __restrict__ out) {
   for (int64_t t = blockIdx.x; t < T; t += gridDim.x) {
     const uint32_t* inv = inverse + t * R;
     for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
@@ -315,77 +316,80 @@ __global__ void CombineKernel(const Elem* __restrict__ rows, const float* __rest
 }
 
 template <typename Elem>
-ffi::Error LaunchCombine(cudaStream_t stream, const void* rows, const float* weights,
-                         const uint32_t* inverse, int64_t T, int64_t R, int64_t C, int64_t H, void* out) {
+ffi::Error LaunchCombine(cudaStream_t stream, const ffi::AnyBuffer& rows, const float* weights,
+                         const uint32_t* inverse, int64_t T, int64_t H, void* out) {
+  auto d = rows.dimensions();
   CombineKernel<Elem><<<NumBlocks(T, 1), RowThreads(H), 0, stream>>>(
-      static_cast<const Elem*>(rows), weights, inverse, T, R, C, H, static_cast<Elem*>(out));
+      static_cast<const Elem*>(rows.untyped_data()), weights, inverse, T, d[0], d[1], H,
+      static_cast<Elem*>(out));
   return LaunchCheck("CombineKernel");
 }
 
-ffi::Error CombineUnpackImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer rows,
-                             ffi::Buffer<ffi::S32> src_idx, ffi::Buffer<ffi::F32> weights,
-                             int64_t num_tokens, ffi::Result<ffi::AnyBuffer> out) {
+ffi::Error CombineUnpackImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
+                             ffi::AnyBuffer rows, S32Buffer src_idx,
+                             ffi::Buffer<ffi::F32> weights, int64_t num_tokens,
+                             ffi::Result<ffi::AnyBuffer> out) {
   const ffi::DataType dt = rows.element_type();
   if (dt != ffi::DataType::F32 && dt != ffi::DataType::BF16)
-    return ffi::Error::InvalidArgument("rows: dtype must be F32 or BF16");
+    return Invalid("rows: dtype must be F32 or BF16");
   auto rd = rows.dimensions();
-  if (rd.size() != 3) return ffi::Error::InvalidArgument("rows: expected rank 3, got " + DimsStr(rd));
+  if (rd.size() != 3) return Invalid("rows: expected rank 3, got " + DimsStr(rd));
   const int64_t R = rd[0], C = rd[1], H = rd[2], T = num_tokens;
-  if (T < 0) return ffi::Error::InvalidArgument("num_tokens: must be >= 0, got " + std::to_string(T));
-  if (out->element_type() != dt) return ffi::Error::InvalidArgument("out: dtype must match rows");
-  for (std::string m : {CheckShape("src_idx", src_idx.dimensions(), {R, C}),
-                        CheckShape("weights", weights.dimensions(), {R, C}),
-                        CheckShape("out", out->dimensions(), {T, H})})
-    if (!m.empty()) return ffi::Error::InvalidArgument(m);
+  if (T < 0) return Invalid("num_tokens: must be >= 0, got " + std::to_string(T));
+  if (out->element_type() != dt) return Invalid("out: dtype must match rows");
+  for (const std::string& m : {CheckShape("src_idx", src_idx.dimensions(), {R, C}),
+                               CheckShape("weights", weights.dimensions(), {R, C}),
+                               CheckShape("out", out->dimensions(), {T, H})})
+    if (!m.empty()) return Invalid(m);
+  void* o = out->untyped_data();
   if (T * H == 0) return ffi::Error::Success();
   if (R * C == 0)  // no rows at all: zero bits are 0.0 in both dtypes
-    return CudaCheck(cudaMemsetAsync(out->untyped_data(), 0, out->size_bytes(), stream), "memset");
+    return CudaCheck(cudaMemsetAsync(o, 0, out->size_bytes(), stream), "memset");
 
-  // Scratch is stream-ordered XLA memory, released when this handler returns (after our
-  // launches are enqueued on the same stream, so later reuse is ordered after them).
-  std::optional<void*> mem = scratch.Allocate(T * R * sizeof(uint32_t), 16);
-  if (!mem) return ffi::Error::Internal("combine_unpack: failed to allocate scratch for the inverse map");
+  // XLA's scratch is freed when this handler returns; its allocator is ordered on this stream,
+  // so any reuse of the memory comes after the kernels enqueued here.
+  const size_t inv_bytes = T * R * sizeof(uint32_t);
+  std::optional<void*> mem = scratch.Allocate(inv_bytes, 16);
+  if (!mem) return ffi::Error::Internal("combine_unpack: cannot allocate inverse-map scratch");
   uint32_t* inverse = static_cast<uint32_t*>(*mem);
-  if (auto e = CudaCheck(cudaMemsetAsync(inverse, 0xff, T * R * sizeof(uint32_t), stream), "memset"); e.failure()) return e;
-  InverseKernel<<<NumBlocks(R * C, kThreads), kThreads, 0, stream>>>(src_idx.typed_data(), R, C, T, inverse);
-  if (auto e = LaunchCheck("InverseKernel"); e.failure()) return e;
-  if (dt == ffi::DataType::F32)
-    return LaunchCombine<float>(stream, rows.untyped_data(), weights.typed_data(), inverse, T, R, C, H, out->untyped_data());
-  return LaunchCombine<__nv_bfloat16>(stream, rows.untyped_data(), weights.typed_data(), inverse, T, R, C, H, out->untyped_data());
+  RETURN_IF_ERROR(CudaCheck(cudaMemsetAsync(inverse, 0xff, inv_bytes, stream), "memset"));
+  InverseKernel<<<NumBlocks(R * C, kThreads), kThreads, 0, stream>>>(src_idx.typed_data(), R, C,
+                                                                     T, inverse);
+  RETURN_IF_ERROR(LaunchCheck("InverseKernel"));
+  const float* w = weights.typed_data();
+  if (dt == ffi::DataType::F32) return LaunchCombine<float>(stream, rows, w, inverse, T, H, o);
+  return LaunchCombine<__nv_bfloat16>(stream, rows, w, inverse, T, H, o);
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DispatchLayoutCuda, DispatchLayoutImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // topk_idx
-                                  .Attr<int64_t>("num_experts")
-                                  .Attr<int64_t>("num_ranks")
-                                  .Ret<ffi::Buffer<ffi::S32>>()    // num_tokens_per_rank
-                                  .Ret<ffi::Buffer<ffi::S32>>()    // num_tokens_per_expert
-                                  .Ret<ffi::Buffer<ffi::PRED>>());  // is_token_in_rank
+// Bindings mirror INTERFACE.md; the CPU handlers are the same minus the stream.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DispatchLayoutCuda, DispatchLayoutImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::PlatformStream<cudaStream_t>>()
+        .Arg<S32Buffer>()  // topk_idx
+        .Attr<int64_t>("num_experts").Attr<int64_t>("num_ranks")
+        .Ret<S32Buffer>().Ret<S32Buffer>()  // num_tokens_per_rank, num_tokens_per_expert
+        .Ret<ffi::Buffer<ffi::PRED>>());    // is_token_in_rank
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DispatchPackCuda, DispatchPackImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()         // x
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // topk_idx
-                                  .Attr<int64_t>("num_experts")
-                                  .Attr<int64_t>("num_ranks")
-                                  .Attr<int64_t>("capacity")
-                                  .Ret<ffi::AnyBuffer>()          // buffer
-                                  .Ret<ffi::Buffer<ffi::S32>>()   // counts
-                                  .Ret<ffi::Buffer<ffi::S32>>()   // offsets
-                                  .Ret<ffi::Buffer<ffi::S32>>()   // src_idx
-                                  .Ret<ffi::Buffer<ffi::S32>>());  // num_dropped
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DispatchPackCuda, DispatchPackImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::PlatformStream<cudaStream_t>>()
+        .Arg<ffi::AnyBuffer>().Arg<S32Buffer>()  // x, topk_idx
+        .Attr<int64_t>("num_experts").Attr<int64_t>("num_ranks").Attr<int64_t>("capacity")
+        .Ret<ffi::AnyBuffer>()                // buffer
+        .Ret<S32Buffer>().Ret<S32Buffer>()    // counts, offsets
+        .Ret<S32Buffer>().Ret<S32Buffer>());  // src_idx, num_dropped
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CombineUnpackCuda, CombineUnpackImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::ScratchAllocator>()
-                                  .Arg<ffi::AnyBuffer>()         // rows
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // src_idx
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // weights
-                                  .Attr<int64_t>("num_tokens")
-                                  .Ret<ffi::AnyBuffer>());  // out
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    CombineUnpackCuda, CombineUnpackImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<ffi::ScratchAllocator>()
+        .Arg<ffi::AnyBuffer>()  // rows
+        .Arg<S32Buffer>()       // src_idx
+        .Arg<ffi::Buffer<ffi::F32>>()  // weights
+        .Attr<int64_t>("num_tokens")
+        .Ret<ffi::AnyBuffer>());  // out

@@ -144,7 +144,8 @@ def test_under_shard_map_on_8_devices(implementation):
 
 def test_handler_rejects_bad_ids_under_jit():
   """Traced ids cannot be checked in Python; the CPU handler reports them instead of skipping them."""
-  bad = jnp.array([[0, 99]], jnp.int32)
+  cpu = jax.devices("cpu")[0]  # the CUDA handlers cannot check values without a sync; they skip them
+  bad = jax.device_put(jnp.array([[0, 99]], jnp.int32), cpu)
   layout = jax.jit(functools.partial(ffi.dispatch_layout, num_experts=8, num_ranks=2, implementation="ffi"))
   with pytest.raises(Exception, match=r"topk_idx: entry 1 is 99, outside \[-1, 8\)"):
     jax.block_until_ready(layout(bad))
