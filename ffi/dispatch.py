@@ -4,8 +4,8 @@
 buffer that a collective (all_to_all, or ragged_all_to_all with `offsets` and `counts`) moves;
 `combine_unpack` sums what came back into each source token. Backends: `"xla"` (jnp,
 `ffi.reference`) and `"ffi"` (the C++ CPU and CUDA handlers under `ffi/csrc/`, built on first
-use). `None` picks `"ffi"` on CPU (falling back to `"xla"` when there is no compiler) and
-`"xla"` on GPU until the CUDA handlers have been checked on one. Every op is jittable and runs per device under `jax.shard_map`; under vmap the FFI
+use). `None` picks per op and platform what measured faster (falling back to `"xla"` when
+there is no compiler), and `"xla"` on GPU until the CUDA handlers have been checked on one. Every op is jittable and runs per device under `jax.shard_map`; under vmap the FFI
 calls run sequentially (`vmap_method="sequential"`).
 """
 
@@ -72,10 +72,15 @@ IMPLEMENTATIONS: dict[str, dict[str, Callable[..., Any]]] = {
     "combine_unpack": {"xla": reference.combine_unpack, "ffi": _ffi_combine},
 }
 PLATFORMS = {"xla": ("cpu", "gpu", "tpu"), "ffi": ("cpu", "gpu")}
+# Per op and platform, from docs/performance.md (2 CPU cores, DeepSeek-V3's shape): the C++
+# combine is 8x the reference; layout and pack are not faster there, so the reference stays.
 # The CUDA handlers compile and lower in CI but have not yet run on a GPU: until they have, GPU
-# callers get the reference unless they ask for "ffi". On CPU the C++ handlers are measured
-# (docs/performance.md) and tested against the reference.
-_PREFERRED = {"cpu": ("ffi", "xla"), "gpu": ("xla",)}
+# callers get the reference unless they ask for "ffi".
+_PREFERRED = {
+    "dispatch_layout": {"cpu": ("xla",), "gpu": ("xla",)},
+    "dispatch_pack": {"cpu": ("xla",), "gpu": ("xla",)},
+    "combine_unpack": {"cpu": ("ffi", "xla"), "gpu": ("xla",)},
+}
 
 
 def _run(op: str, implementation: str | None, *args, **kwargs):
@@ -85,7 +90,7 @@ def _run(op: str, implementation: str | None, *args, **kwargs):
       raise ValueError(f"implementation={implementation!r} is not available for {op}; "
                        f"choose from {sorted(backends)} or None")
     return backends[implementation](*args, **kwargs)
-  order = _PREFERRED.get(jax.default_backend(), ("xla",))
+  order = _PREFERRED[op].get(jax.default_backend(), ("xla",))
   for name in order[:-1]:
     try:
       return backends[name](*args, **kwargs)

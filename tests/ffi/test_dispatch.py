@@ -192,3 +192,15 @@ def test_cuda_handlers_at_deepseek_size():
   got = ffi.combine_unpack(packed.buffer, packed.src_idx, num_tokens=tokens, implementation="ffi")
   want = ffi.combine_unpack(packed.buffer, packed.src_idx, num_tokens=tokens, implementation="xla")
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-2, atol=1e-2)
+
+
+def test_default_falls_back_to_the_reference_without_a_compiler(monkeypatch):
+  def no_compiler():
+    raise ffi.CompilerNotFoundError("no C++ compiler (test)")
+
+  monkeypatch.setattr(ffi.dispatch.targets, "ensure_registered_for_backend", no_compiler)
+  rows = jnp.ones((2, 3, 4), jnp.float32)
+  src = jnp.array([[0, 1, -1], [1, -1, -1]], jnp.int32)
+  np.testing.assert_array_equal(np.asarray(ffi.combine_unpack(rows, src, num_tokens=2)), [[1] * 4, [2] * 4])
+  with pytest.raises(ffi.CompilerNotFoundError):
+    ffi.combine_unpack(rows, src, num_tokens=2, implementation="ffi")
