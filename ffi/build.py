@@ -73,7 +73,9 @@ def find_nvcc() -> Compiler:
     return Compiler(str(pathlib.Path(cuda_home) / "bin" / "nvcc"), ())
   on_path = shutil.which("nvcc")
   if on_path:
-    return Compiler(on_path, ())
+    wheel_lib = pathlib.Path(on_path).resolve().parent.parent / "lib"  # the wheels' nvcc.profile looks in lib64
+    in_wheel = pathlib.Path(on_path).resolve().parent.parent.name == "cu13" and wheel_lib.is_dir()
+    return Compiler(on_path, (f"-L{wheel_lib}",) if in_wheel else ())
   wheel = pathlib.Path(sysconfig.get_paths()["purelib"]) / "nvidia" / "cu13"
   if (wheel / "bin" / "nvcc").is_file():
     return Compiler(str(wheel / "bin" / "nvcc"), (f"-L{wheel / 'lib'}",))
@@ -87,9 +89,14 @@ def _compiler_version(path: str) -> str:
   return result.stdout + result.stderr
 
 
-def _headers() -> list[pathlib.Path]:
+# Environment that changes what a compiler produces without changing its command line.
+_ENV_IN_KEY = ("CXX", "CPATH", "CPLUS_INCLUDE_PATH", "NVCC_APPEND_FLAGS", "NVCC_PREPEND_FLAGS", "NVCC_CCBIN")
+
+
+def _inputs() -> list[pathlib.Path]:
+  """Every file a build may read from this project and JAX: all of csrc/, and JAX's FFI headers."""
   ffi_api = pathlib.Path(jax.ffi.include_dir()) / "xla" / "ffi" / "api"
-  return sorted(ffi_api.glob("*.h")) + sorted(CSRC.glob("*.h"))
+  return sorted(ffi_api.glob("*.h")) + sorted(p for p in CSRC.rglob("*") if p.is_file())
 
 
 def _command(kind: str, compiler: Compiler, sources: list[pathlib.Path], output: pathlib.Path) -> list[str]:
@@ -124,9 +131,13 @@ def library_path(kind: str) -> pathlib.Path:
   compiler = find_cxx() if kind == "cpu" else find_nvcc()
   sources = [CSRC / name for name in LIBRARIES[kind]]
   key = hashlib.sha256()
-  for part in [*sources, *_headers()]:
+  for part in _inputs():
     key.update(part.name.encode() + b"\0" + part.read_bytes())
   key.update(_compiler_version(compiler.path).encode())
+  if kind == "cuda" and shutil.which(os.environ.get("CXX", "g++")):  # nvcc's host compiler
+    key.update(_compiler_version(find_cxx().path).encode())
+  for name in _ENV_IN_KEY:
+    key.update(f"{name}={os.environ.get(name, '')}".encode())
   key.update("\0".join(_command(kind, compiler, sources, pathlib.Path("out"))[1:]).encode())
   return cache_dir() / f"fireflyer_{kind}_{key.hexdigest()[:20]}.so"
 
@@ -147,6 +158,8 @@ def build(kind: str) -> pathlib.Path:
       return target
     if target.exists():
       logging.warning("fireflyer.ffi: cached %s is corrupt (checksum mismatch); rebuilding", target.name)
+    for stale in target.parent.glob(f".{target.stem}.*.building.so"):  # left by a killed build; we hold the lock
+      stale.unlink(missing_ok=True)
     compiler = find_cxx() if kind == "cpu" else find_nvcc()
     tmp = target.with_name(f".{target.stem}.{os.getpid()}.building.so")
     command = _command(kind, compiler, [CSRC / name for name in LIBRARIES[kind]], tmp)

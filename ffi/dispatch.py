@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from backends import select_and_run
 from ffi import reference, targets
 
 
@@ -36,6 +37,7 @@ class PackedTokens(NamedTuple):
 
 
 def _ffi_layout(topk_idx, *, num_experts, num_ranks):
+  _require_ffi_platform()
   targets.ensure_registered_for_backend()
   tokens = topk_idx.shape[0]
   call = jax.ffi.ffi_call("fireflyer_dispatch_layout",
@@ -47,6 +49,7 @@ def _ffi_layout(topk_idx, *, num_experts, num_ranks):
 
 
 def _ffi_pack(x, topk_idx, *, num_experts, num_ranks, capacity):
+  _require_ffi_platform()
   targets.ensure_registered_for_backend()
   hidden = x.shape[1]
   call = jax.ffi.ffi_call("fireflyer_dispatch_pack",
@@ -60,10 +63,19 @@ def _ffi_pack(x, topk_idx, *, num_experts, num_ranks, capacity):
 
 
 def _ffi_combine(rows, src_idx, weights, *, num_tokens):
+  _require_ffi_platform()
   targets.ensure_registered_for_backend()
-  call = jax.ffi.ffi_call("fireflyer_combine_unpack", jax.ShapeDtypeStruct((num_tokens, rows.shape[-1]), rows.dtype),
+  call = jax.ffi.ffi_call("fireflyer_combine_unpack",
+                          (jax.ShapeDtypeStruct((num_tokens, rows.shape[-1]), rows.dtype),
+                           jax.ShapeDtypeStruct((num_tokens, rows.shape[0]), jnp.int32)),  # working memory
                           vmap_method="sequential")
-  return call(rows, src_idx, weights, num_tokens=np.int64(num_tokens))
+  out, _ = call(rows, src_idx, weights, num_tokens=np.int64(num_tokens))
+  return out
+
+
+def _require_ffi_platform() -> None:
+  if jax.default_backend() not in PLATFORMS["ffi"]:
+    raise NotImplementedError(f"the FFI handlers exist for {PLATFORMS['ffi']}, not {jax.default_backend()}")
 
 
 IMPLEMENTATIONS: dict[str, dict[str, Callable[..., Any]]] = {
@@ -84,19 +96,7 @@ _PREFERRED = {
 
 
 def _run(op: str, implementation: str | None, *args, **kwargs):
-  backends = IMPLEMENTATIONS[op]
-  if implementation is not None:
-    if implementation not in backends:
-      raise ValueError(f"implementation={implementation!r} is not available for {op}; "
-                       f"choose from {sorted(backends)} or None")
-    return backends[implementation](*args, **kwargs)
-  order = _PREFERRED[op].get(jax.default_backend(), ("xla",))
-  for name in order[:-1]:
-    try:
-      return backends[name](*args, **kwargs)
-    except NotImplementedError:  # e.g. no compiler on this machine
-      continue
-  return backends[order[-1]](*args, **kwargs)
+  return select_and_run(op, IMPLEMENTATIONS[op], implementation, _PREFERRED[op], *args, **kwargs)
 
 
 def _positive_int(name: str, value) -> int:
@@ -167,9 +167,13 @@ def dispatch_pack(x, topk_idx, *, num_experts: int, num_ranks: int, capacity: in
   x = x if isinstance(x, jax.Array) else jnp.asarray(x)
   if x.ndim != 2 or x.shape[0] != topk_idx.shape[0]:
     raise ValueError(f"x must be [num_tokens={topk_idx.shape[0]}, hidden], got shape {x.shape}")
+  if jax.dtypes.itemsize_bits(x.dtype) < 8:
+    raise ValueError(f"x's dtype {x.dtype} packs several values per byte; pack it as uint8 first")
   capacity = x.shape[0] if capacity is None else capacity
   if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral) or capacity < 0:
     raise ValueError(f"capacity must be a non-negative int, got {capacity!r}")
+  if num_ranks * capacity >= 2**31:
+    raise ValueError(f"capacity={capacity} x num_ranks={num_ranks} rows overflow the int32 offsets")
   return PackedTokens(*_run("dispatch_pack", implementation, x, topk_idx, num_experts=num_experts,
                             num_ranks=num_ranks, capacity=int(capacity)))
 
@@ -194,7 +198,8 @@ def combine_unpack(rows, src_idx, *, num_tokens: int, weights=None, implementati
   """
   rows = rows if isinstance(rows, jax.Array) else jnp.asarray(rows)
   src_idx = src_idx if isinstance(src_idx, jax.Array) else jnp.asarray(src_idx)
-  num_tokens = _positive_int("num_tokens", num_tokens)
+  if isinstance(num_tokens, bool) or not isinstance(num_tokens, numbers.Integral) or num_tokens < 0:
+    raise ValueError(f"num_tokens must be a non-negative int, got {num_tokens!r}")
   if rows.ndim != 3 or rows.dtype not in (jnp.float32, jnp.bfloat16):
     raise ValueError(f"rows must be float32 or bfloat16 [R, capacity, hidden], got {rows.dtype} {rows.shape}")
   if src_idx.dtype != jnp.int32 or src_idx.shape != rows.shape[:2]:

@@ -37,7 +37,10 @@ def dispatch_pack(x, topk_idx, *, num_experts: int, num_ranks: int, capacity: in
   src_idx = jnp.full((num_ranks, capacity), -1, jnp.int32).at[
       jnp.where(keep, rank, num_ranks), jnp.where(keep, position, 0)].set(token, mode="drop")
   filled = src_idx >= 0
-  buffer = jnp.where(filled[..., None], x[jnp.maximum(src_idx, 0)], jnp.zeros((), x.dtype))
+  if tokens == 0:
+    buffer = jnp.zeros((num_ranks, capacity, x.shape[1]), x.dtype)
+  else:
+    buffer = jnp.where(filled[..., None], x[jnp.maximum(src_idx, 0)], jnp.zeros((), x.dtype))
   wanted = in_rank.sum(axis=0, dtype=jnp.int32)
   counts = jnp.minimum(wanted, capacity)
   offsets = jnp.arange(num_ranks, dtype=jnp.int32) * capacity
@@ -48,6 +51,8 @@ def dispatch_pack(x, topk_idx, *, num_experts: int, num_ranks: int, capacity: in
 def combine_unpack(rows, src_idx, weights, *, num_tokens: int):
   """`out [T, H]`: each token's rows summed (times `weights`) in f32, in rows' dtype."""
   hidden = rows.shape[-1]
+  if hidden == 0 or rows.size == 0:
+    return jnp.zeros((num_tokens, hidden), rows.dtype)
   target = jnp.where(src_idx >= 0, src_idx, num_tokens).reshape(-1)
   contributions = (rows.astype(jnp.float32) * weights[..., None]).reshape(-1, hidden)
   out = jnp.zeros((num_tokens, hidden), jnp.float32).at[target].add(contributions, mode="drop")

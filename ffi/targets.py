@@ -45,7 +45,11 @@ def ensure_registered(kind: str) -> None:
 
 
 def ensure_registered_for_backend() -> None:
-  """Registers the library of the default backend (and the CPU one, which host code may use)."""
+  """Registers the CPU library, and the CUDA one when JAX sees a GPU."""
   ensure_registered("cpu")
-  if jax.default_backend() == "gpu":
+  try:
+    has_gpu = bool(jax.devices("gpu"))
+  except RuntimeError:
+    has_gpu = False
+  if has_gpu:  # GPU arrays may be used even when the default backend is the CPU
     ensure_registered("cuda")

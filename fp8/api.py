@@ -19,6 +19,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from backends import select_and_run
 from fp8 import layout, reference, validation
 from fp8.formats import BLOCK
 
@@ -31,24 +32,11 @@ IMPLEMENTATIONS: dict[str, dict[str, Callable[..., Any]]] = {
 }
 # Where each backend runs (the test suite runs the others only under the `gpu` marker).
 PLATFORMS: dict[str, tuple[str, ...]] = {"xla": ("cpu", "gpu", "tpu")}
-_PREFERRED = {"gpu": ("mosaic_gpu", "xla"), "cuda": ("mosaic_gpu", "xla")}
-_DEFAULT_ORDER = ("xla",)
+_PREFERRED = {"gpu": ("mosaic_gpu", "xla")}
 
 
 def _run(op: str, implementation: str | None, *args, **kwargs):
-  backends = IMPLEMENTATIONS[op]
-  if implementation is not None:
-    if implementation not in backends:
-      raise ValueError(f"implementation={implementation!r} is not available for {op}; "
-                       f"choose from {sorted(backends)} or None")
-    return backends[implementation](*args, **kwargs)
-  order = [name for name in _PREFERRED.get(jax.default_backend(), _DEFAULT_ORDER) if name in backends]
-  for name in order[:-1]:
-    try:
-      return backends[name](*args, **kwargs)
-    except NotImplementedError:
-      continue
-  return backends[order[-1]](*args, **kwargs)
+  return select_and_run(op, IMPLEMENTATIONS[op], implementation, _PREFERRED, *args, **kwargs)
 
 
 def gemm_nt(a, b, *, c=None, out_dtype=None, implementation: str | None = None) -> jax.Array:

@@ -13,13 +13,13 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from backends import select_and_run
 from mla import metadata, splitkv, validation
 
 # Backends, and where each runs (the tests run the others only under the `gpu` marker).
 IMPLEMENTATIONS: dict[str, Callable[..., Any]] = {"xla": splitkv.flash_mla_splitkv}
 PLATFORMS: dict[str, tuple[str, ...]] = {"xla": ("cpu", "gpu", "tpu")}
 _PREFERRED = {"gpu": ("mosaic_gpu", "xla")}
-_DEFAULT_ORDER = ("xla",)
 
 
 def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: int, tile_scheduler_metadata,
@@ -68,15 +68,4 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
 
 
 def _run(implementation, args, kwargs):
-  if implementation is not None:
-    if implementation not in IMPLEMENTATIONS:
-      raise ValueError(f"implementation={implementation!r} is not available; choose from "
-                       f"{sorted(IMPLEMENTATIONS)} or None")
-    return IMPLEMENTATIONS[implementation](*args, **kwargs)
-  order = [name for name in _PREFERRED.get(jax.default_backend(), _DEFAULT_ORDER) if name in IMPLEMENTATIONS]
-  for name in order[:-1]:
-    try:
-      return IMPLEMENTATIONS[name](*args, **kwargs)
-    except NotImplementedError:
-      continue
-  return IMPLEMENTATIONS[order[-1]](*args, **kwargs)
+  return select_and_run("flash_mla_with_kvcache", IMPLEMENTATIONS, implementation, _PREFERRED, *args, **kwargs)

@@ -100,6 +100,16 @@ ffi::Error DispatchPackImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::S32> topk_idx, in
   if (x.dimensions().size() != 2 || topk_idx.dimensions().size() != 2 || x.dimensions()[0] != topk_idx.dimensions()[0]) {
     return ffi::Error::InvalidArgument("x must be [T, H] and topk_idx [T, K] with the same T");
   }
+  switch (x.element_type()) {  // XLA packs these: a row is not hidden * ByteWidth bytes
+    case ffi::DataType::S1: case ffi::DataType::S2: case ffi::DataType::S4: case ffi::DataType::U1:
+    case ffi::DataType::U2: case ffi::DataType::U4: case ffi::DataType::F4E2M1FN: case ffi::DataType::TOKEN:
+      return ffi::Error::InvalidArgument("x: sub-byte dtypes are not supported");
+    default:
+      break;
+  }
+  if (num_ranks * capacity > 2147483647) {
+    return ffi::Error::InvalidArgument("capacity: num_ranks * capacity must fit int32 offsets");
+  }
   const int64_t tokens = x.dimensions()[0], hidden = x.dimensions()[1], topk = topk_idx.dimensions()[1];
   if (buffer->element_type() != x.element_type() || buffer->element_count() != num_ranks * capacity * hidden ||
       src_idx->element_count() != num_ranks * capacity || counts->element_count() != num_ranks) {
@@ -152,7 +162,8 @@ inline uint16_t F32ToBf16(float value) {  // round to nearest even; NaN stays Na
 }
 
 ffi::Error CombineUnpackImpl(ffi::AnyBuffer rows, ffi::Buffer<ffi::S32> src_idx, ffi::Buffer<ffi::F32> weights,
-                             int64_t num_tokens, ffi::Result<ffi::AnyBuffer> out) {
+                             int64_t num_tokens, ffi::Result<ffi::AnyBuffer> out,
+                             ffi::ResultBuffer<ffi::S32> inverse_map) {
   const auto type = rows.element_type();
   if (type != ffi::DataType::F32 && type != ffi::DataType::BF16) {
     return ffi::Error::InvalidArgument("rows must be float32 or bfloat16");
@@ -160,12 +171,15 @@ ffi::Error CombineUnpackImpl(ffi::AnyBuffer rows, ffi::Buffer<ffi::S32> src_idx,
   if (rows.dimensions().size() != 3) return ffi::Error::InvalidArgument("rows must be 3-D [R, C, H]");
   const int64_t ranks = rows.dimensions()[0], capacity = rows.dimensions()[1], hidden = rows.dimensions()[2];
   if (src_idx.element_count() != ranks * capacity || weights.element_count() != ranks * capacity ||
-      out->element_count() != num_tokens * hidden || out->element_type() != type) {
-    return ffi::Error::InvalidArgument("src_idx and weights must be [R, C], out [num_tokens, H] in rows' dtype");
+      out->element_count() != num_tokens * hidden || out->element_type() != type ||
+      inverse_map->element_count() != num_tokens * ranks) {
+    return ffi::Error::InvalidArgument("src_idx, weights: must be [R, C]; out: [num_tokens, H] in rows' dtype; "
+                                       "inverse_map: [num_tokens, R]");
   }
-  // Inverse map: which row of each rank holds token t (-1 for none), so tokens can be summed
-  // independently and in rank order.
-  std::vector<int64_t> row_of(num_tokens * ranks, -1);
+  // Inverse map (an XLA-owned result, working memory): which row of each rank holds token t,
+  // -1 for none, so tokens can be summed independently and in rank order.
+  int32_t* row_of = inverse_map->typed_data();
+  std::fill(row_of, row_of + num_tokens * ranks, -1);
   const int32_t* sources = src_idx.typed_data();
   for (int64_t r = 0; r < ranks; ++r) {
     for (int64_t i = 0; i < capacity; ++i) {
@@ -179,7 +193,7 @@ ffi::Error CombineUnpackImpl(ffi::AnyBuffer rows, ffi::Buffer<ffi::S32> src_idx,
         return ffi::Error::InvalidArgument("src_idx: token " + std::to_string(t) + " appears twice in rank " +
                                            std::to_string(r));
       }
-      row_of[t * ranks + r] = i;
+      row_of[t * ranks + r] = static_cast<int32_t>(i);
     }
   }
   const float* w = weights.typed_data();
@@ -241,4 +255,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CombineUnpackCpu, CombineUnpackImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("num_tokens")
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());

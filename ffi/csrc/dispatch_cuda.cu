@@ -325,10 +325,9 @@ ffi::Error LaunchCombine(cudaStream_t stream, const ffi::AnyBuffer& rows, const 
   return LaunchCheck("CombineKernel");
 }
 
-ffi::Error CombineUnpackImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
-                             ffi::AnyBuffer rows, S32Buffer src_idx,
+ffi::Error CombineUnpackImpl(cudaStream_t stream, ffi::AnyBuffer rows, S32Buffer src_idx,
                              ffi::Buffer<ffi::F32> weights, int64_t num_tokens,
-                             ffi::Result<ffi::AnyBuffer> out) {
+                             ffi::Result<ffi::AnyBuffer> out, S32Result inverse_map) {
   const ffi::DataType dt = rows.element_type();
   if (dt != ffi::DataType::F32 && dt != ffi::DataType::BF16)
     return Invalid("rows: dtype must be F32 or BF16");
@@ -339,19 +338,18 @@ ffi::Error CombineUnpackImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
   if (out->element_type() != dt) return Invalid("out: dtype must match rows");
   for (const std::string& m : {CheckShape("src_idx", src_idx.dimensions(), {R, C}),
                                CheckShape("weights", weights.dimensions(), {R, C}),
-                               CheckShape("out", out->dimensions(), {T, H})})
+                               CheckShape("out", out->dimensions(), {T, H}),
+                               CheckShape("inverse_map", inverse_map->dimensions(), {T, R})})
     if (!m.empty()) return Invalid(m);
   void* o = out->untyped_data();
   if (T * H == 0) return ffi::Error::Success();
   if (R * C == 0)  // no rows at all: zero bits are 0.0 in both dtypes
     return CudaCheck(cudaMemsetAsync(o, 0, out->size_bytes(), stream), "memset");
 
-  // XLA's scratch is freed when this handler returns; its allocator is ordered on this stream,
-  // so any reuse of the memory comes after the kernels enqueued here.
+  // The inverse map is an XLA-owned result buffer (discarded by the caller), not handler
+  // scratch: scratch is freed when the handler returns, possibly before these kernels finish.
   const size_t inv_bytes = T * R * sizeof(uint32_t);
-  std::optional<void*> mem = scratch.Allocate(inv_bytes, 16);
-  if (!mem) return ffi::Error::Internal("combine_unpack: cannot allocate inverse-map scratch");
-  uint32_t* inverse = static_cast<uint32_t*>(*mem);
+  uint32_t* inverse = reinterpret_cast<uint32_t*>(inverse_map->typed_data());
   RETURN_IF_ERROR(CudaCheck(cudaMemsetAsync(inverse, 0xff, inv_bytes, stream), "memset"));
   InverseKernel<<<NumBlocks(R * C, kThreads), kThreads, 0, stream>>>(src_idx.typed_data(), R, C,
                                                                      T, inverse);
@@ -387,9 +385,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     CombineUnpackCuda, CombineUnpackImpl,
     ffi::Ffi::Bind()
         .Ctx<ffi::PlatformStream<cudaStream_t>>()
-        .Ctx<ffi::ScratchAllocator>()
         .Arg<ffi::AnyBuffer>()  // rows
         .Arg<S32Buffer>()       // src_idx
         .Arg<ffi::Buffer<ffi::F32>>()  // weights
         .Attr<int64_t>("num_tokens")
-        .Ret<ffi::AnyBuffer>());  // out
+        .Ret<ffi::AnyBuffer>()   // out
+        .Ret<S32Buffer>());      // inverse_map, working memory

@@ -142,6 +142,46 @@ def test_under_shard_map_on_8_devices(implementation):
   np.testing.assert_array_equal(np.asarray(back), np.asarray(x) * hits[:, None])
 
 
+@pytest.mark.parametrize("implementation", IMPLS)
+def test_empty_tokens_and_hidden(implementation):
+  for tokens, hidden in ((0, 8), (6, 0)):
+    idx = _topk(1, tokens, 2, 8)
+    x = jnp.zeros((tokens, hidden), jnp.bfloat16)
+    packed = ffi.dispatch_pack(x, idx, num_experts=8, num_ranks=2, capacity=4, implementation=implementation)
+    assert packed.buffer.shape == (2, 4, hidden)
+    np.testing.assert_array_equal(np.asarray(packed.counts), _oracle_layout(idx, 8, 2)[2].sum(0).clip(max=4))
+    out = ffi.combine_unpack(packed.buffer, packed.src_idx, num_tokens=tokens, implementation=implementation)
+    assert out.shape == (tokens, hidden) and not np.asarray(out, np.float32).any()
+
+
+@pytest.mark.parametrize("implementation", IMPLS)
+def test_layout_under_shard_map(implementation):
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("ep",))
+  idx = jnp.asarray(_topk(6, 8 * 10, 4, 32))
+  layout = functools.partial(ffi.dispatch_layout, num_experts=32, num_ranks=8, implementation=implementation)
+  per_rank, per_expert, in_rank = jax.jit(jax.shard_map(
+      lambda i: tuple(v[None] if v.ndim == 1 else v for v in layout(i)), mesh=mesh, in_specs=jax.P("ep"),
+      out_specs=(jax.P("ep"), jax.P("ep"), jax.P("ep"))))(idx)
+  for d in range(8):
+    want = _oracle_layout(np.asarray(idx[d * 10:(d + 1) * 10]), 32, 8)
+    np.testing.assert_array_equal(np.asarray(per_rank[d]), want[0])
+    np.testing.assert_array_equal(np.asarray(per_expert[d]), want[1])
+  np.testing.assert_array_equal(np.asarray(in_rank), _oracle_layout(np.asarray(idx), 32, 8)[2])
+
+
+def test_cpu_handlers_reject_bad_values_under_jit():
+  """Traced values cannot be checked in Python; the CPU handlers report them instead of skipping them."""
+  cpu = jax.devices("cpu")[0]  # the CUDA handlers cannot check values without a sync; they skip them
+  rows = jax.device_put(jnp.ones((2, 3, 4), jnp.float32), cpu)
+  src = jax.device_put(jnp.array([[0, 9, -1], [1, -1, -1]], jnp.int32), cpu)
+  combine = jax.jit(functools.partial(ffi.combine_unpack, num_tokens=4, implementation="ffi"))
+  with pytest.raises(Exception, match=r"src_idx: row 1 names token 9, outside \[-1, 4\)"):
+    jax.block_until_ready(combine(rows, src))
+  pack = jax.jit(functools.partial(ffi.dispatch_pack, num_experts=8, num_ranks=2, implementation="ffi"))
+  with pytest.raises(Exception, match=r"topk_idx: entry 1 is -5"):
+    jax.block_until_ready(pack(jax.device_put(jnp.ones((1, 4)), cpu), jax.device_put(jnp.array([[0, -5]], jnp.int32), cpu)))
+
+
 def test_handler_rejects_bad_ids_under_jit():
   """Traced ids cannot be checked in Python; the CPU handler reports them instead of skipping them."""
   cpu = jax.devices("cpu")[0]  # the CUDA handlers cannot check values without a sync; they skip them
@@ -171,6 +211,12 @@ def test_handler_rejects_bad_ids_under_jit():
                                 weights=np.ones((2, 3), np.int32)), "weights must be float32"),
     (lambda: ffi.dispatch_layout(np.zeros((4, 2), np.int32), num_experts=8, num_ranks=2, implementation="cuda"),
      "implementation='cuda' is not available"),
+    (lambda: ffi.dispatch_pack(jnp.zeros((4, 4), jnp.int4), np.zeros((4, 2), np.int32), num_experts=8, num_ranks=2),
+     "packs several values per byte"),
+    (lambda: ffi.dispatch_pack(np.zeros((4, 4)), np.zeros((4, 2), np.int32), num_experts=8, num_ranks=8,
+                               capacity=2**28), "overflow the int32 offsets"),
+    (lambda: ffi.combine_unpack(np.zeros((2, 3, 4), np.float32), np.zeros((2, 3), np.int32), num_tokens=-1),
+     "num_tokens must be a non-negative int"),
 ])
 def test_bad_input(call, match):
   with pytest.raises(ValueError, match=match):
@@ -184,7 +230,8 @@ def test_cuda_handlers_at_deepseek_size():
   x = jax.random.normal(jax.random.key(1), (tokens, hidden), jnp.bfloat16)
   for op, args, kwargs in (
       (ffi.dispatch_layout, (idx,), dict(num_experts=num_experts, num_ranks=num_ranks)),
-      (ffi.dispatch_pack, (x, idx), dict(num_experts=num_experts, num_ranks=num_ranks, capacity=3000))):
+      (ffi.dispatch_pack, (x, idx), dict(num_experts=num_experts, num_ranks=num_ranks, capacity=2000)),  # drops
+      (ffi.dispatch_pack, (x[:, :1001], idx), dict(num_experts=num_experts, num_ranks=num_ranks))):  # unaligned rows
     got, want = op(*args, **kwargs, implementation="ffi"), op(*args, **kwargs, implementation="xla")
     for g, w in zip(got, want):
       np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
