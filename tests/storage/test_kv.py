@@ -1,0 +1,133 @@
+"""The KV seam's shared suite, run against every backend: ops, isolation, conflicts, retries, persistence."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+import threading
+
+import pytest
+
+from storage.kv import Conflict, KVError, MemoryKV, ReadOnlyError, SqliteKV, run_transaction
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def engine(request, tmp_path):
+  kv = MemoryKV() if request.param == "memory" else SqliteKV(tmp_path / "meta.db")
+  yield kv
+  kv.close()
+
+
+def test_get_set_clear_and_ranges(engine):
+  with engine.read_write() as txn:
+    for key in (b"DENTa", b"DENTb", b"DENTc", b"INOD1"):
+      txn.set(key, key.lower())
+    assert txn.get(b"DENTb") == b"dentb"  # own writes are visible
+  with engine.read_write() as txn:
+    txn.clear(b"DENTb")
+    txn.set(b"DENTd", b"x")
+    assert [k for k, _ in txn.get_range(b"DENT", b"DENU")] == [b"DENTa", b"DENTc", b"DENTd"]
+  with engine.read_only() as txn:
+    assert txn.get(b"DENTb") is None and txn.get(b"missing") is None
+    assert txn.get_range(b"DENT", b"DENU") == [(b"DENTa", b"denta"), (b"DENTc", b"dentc"), (b"DENTd", b"x")]
+    assert txn.get_range(b"DENT", b"DENU", limit=1) == [(b"DENTa", b"denta")]
+    assert txn.get_range(b"Z", b"ZZ") == []
+
+
+def test_read_only_refuses_writes_and_finished_transactions_refuse_everything(engine):
+  txn = engine.read_only()
+  with pytest.raises(ReadOnlyError):
+    txn.set(b"k", b"v")
+  txn.commit()
+  with pytest.raises(KVError, match="already committed"):
+    txn.get(b"k")
+  with pytest.raises(TypeError, match="keys must be bytes"):
+    engine.read_write().get("text")
+
+
+def test_exception_in_block_cancels(engine):
+  with pytest.raises(RuntimeError):
+    with engine.read_write() as txn:
+      txn.set(b"k", b"v")
+      raise RuntimeError("abort")
+  with engine.read_only() as txn:
+    assert txn.get(b"k") is None
+
+
+def test_lost_update_is_a_conflict(engine):
+  with engine.read_write() as txn:
+    txn.set(b"counter", b"0")
+  first, second = engine.read_write(), engine.read_write()
+  first.set(b"counter", str(int(first.get(b"counter")) + 1).encode())
+  second.set(b"counter", str(int(second.get(b"counter")) + 1).encode())
+  first.commit()
+  with pytest.raises(Conflict):
+    second.commit()
+  with engine.read_only() as txn:
+    assert txn.get(b"counter") == b"1"
+
+
+def test_phantom_in_a_read_range_is_a_conflict(engine):
+  """rmdir reads a directory's entry range; a concurrent create in it must make rmdir fail."""
+  remover, creator = engine.read_write(), engine.read_write()
+  assert remover.get_range(b"DENT7/", b"DENT70") == []
+  remover.clear(b"INOD7")
+  creator.set(b"DENT7/file", b"inode 9")
+  creator.commit()
+  with pytest.raises(Conflict):
+    remover.commit()
+
+
+def test_disjoint_transactions_both_commit(engine):
+  a, b = engine.read_write(), engine.read_write()
+  a.get(b"a")
+  b.get(b"b")
+  a.set(b"a", b"1")
+  b.set(b"b", b"2")
+  a.commit()
+  b.commit()
+
+
+def test_concurrent_increments_with_retry_are_exact(engine):
+  def increment(txn):
+    value = txn.get(b"n")
+    txn.set(b"n", str(int(value or b"0") + 1).encode())
+
+  threads = [threading.Thread(target=lambda: [run_transaction(engine, increment) for _ in range(25)])
+             for _ in range(4)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert run_transaction(engine, lambda txn: txn.get(b"n"), read_only=True) == b"100"
+
+
+def test_run_transaction_gives_up_after_max_attempts(engine):
+  def always_conflicts(txn):
+    raise Conflict("forced")
+
+  with pytest.raises(Conflict, match="forced"):
+    run_transaction(engine, always_conflicts, max_attempts=3, backoff_s=0)
+
+
+def _increment_in_process(path: str, times: int) -> None:
+  kv = SqliteKV(path)
+  for _ in range(times):
+    run_transaction(kv, lambda txn: txn.set(b"n", str(int(txn.get(b"n") or b"0") + 1).encode()))
+  kv.close()
+
+
+def test_sqlite_is_safe_across_processes_and_durable(tmp_path):
+  path = tmp_path / "meta.db"
+  SqliteKV(path).close()
+  procs = [multiprocessing.get_context("spawn").Process(target=_increment_in_process, args=(str(path), 20))
+           for _ in range(3)]
+  for p in procs:
+    p.start()
+  for p in procs:
+    p.join(timeout=120)
+  assert all(p.exitcode == 0 for p in procs)
+  reopened = SqliteKV(path)
+  assert run_transaction(reopened, lambda txn: txn.get(b"n"), read_only=True) == b"60"
+  assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+  reopened.close()
