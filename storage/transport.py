@@ -1,0 +1,241 @@
+"""The one module that moves bytes between storage processes: length-prefixed msgpack RPC over TCP.
+
+3FS uses RDMA; here every service speaks this transport over asyncio TCP, so replacing it (with
+RDMA, or shared memory on one host) touches this file only.
+
+A frame is a 4-byte big-endian length and a msgpack map. A request is `{"id", "method", "args"}`;
+a response is `{"id", "ok": True, "result"}` or `{"id", "ok": False, "error": {"kind", "message"}}`.
+Calls on one connection are multiplexed by id and served concurrently. A malformed, truncated
+or oversized frame gets an error response naming the problem and closes that connection; the
+server keeps serving everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import struct
+from typing import Any, Awaitable, Callable
+
+import msgpack
+
+MAX_FRAME_BYTES = 64 << 20  # a request or reply may carry one chunk of data plus headers
+_HEADER = struct.Struct(">I")
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+class StorageError(RuntimeError):
+  """A storage service reported an error without a more specific Python type."""
+
+  def __init__(self, message: str, kind: str = "storage"):
+    super().__init__(message)
+    self.kind = kind
+
+
+class ProtocolError(StorageError):
+  """A frame could not be read: malformed, truncated or oversized."""
+
+  def __init__(self, message: str):
+    super().__init__(message, "protocol")
+
+
+# Python exceptions that cross the wire as themselves; anything else arrives as StorageError.
+_KINDS: dict[str, type[Exception]] = {
+    "not_found": FileNotFoundError,
+    "exists": FileExistsError,
+    "is_directory": IsADirectoryError,
+    "not_directory": NotADirectoryError,
+    "permission": PermissionError,
+    "bad_request": ValueError,
+    "timeout": TimeoutError,
+}
+_KIND_OF = {cls: kind for kind, cls in _KINDS.items()}
+
+
+def error_payload(err: BaseException) -> dict:
+  """How a server reports `err`: its kind (from the exception type) and message."""
+  if isinstance(err, StorageError):
+    return {"kind": err.kind, "message": str(err)}
+  kind = next((k for cls, k in _KIND_OF.items() if isinstance(err, cls)), "storage")
+  return {"kind": kind, "message": str(err) or type(err).__name__}
+
+
+def raise_error(error: dict) -> None:
+  """Raises the Python exception a client should see for an error payload."""
+  kind, message = error.get("kind", "storage"), error.get("message", "")
+  if kind in _KINDS:
+    raise _KINDS[kind](message)
+  raise StorageError(message, kind)
+
+
+def pack(message: dict) -> bytes:
+  body = msgpack.packb(message, use_bin_type=True)
+  if len(body) > MAX_FRAME_BYTES:
+    raise ValueError(f"message of {len(body)} bytes exceeds the {MAX_FRAME_BYTES}-byte frame limit")
+  return _HEADER.pack(len(body)) + body
+
+
+async def read_frame(reader: asyncio.StreamReader) -> dict | None:
+  """The next message, or None at a clean end of stream; ProtocolError if it is not a valid frame."""
+  try:
+    header = await reader.readexactly(_HEADER.size)
+  except asyncio.IncompleteReadError as err:
+    if not err.partial:
+      return None
+    raise ProtocolError("truncated frame header") from None
+  (length,) = _HEADER.unpack(header)
+  if length > MAX_FRAME_BYTES:
+    raise ProtocolError(f"frame of {length} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
+  try:
+    body = await reader.readexactly(length)
+  except asyncio.IncompleteReadError:
+    raise ProtocolError(f"truncated frame: expected {length} bytes") from None
+  try:
+    message = msgpack.unpackb(body, raw=False)
+  except Exception as err:  # msgpack raises several types for bad input
+    raise ProtocolError(f"malformed frame: {err}") from None
+  if not isinstance(message, dict):
+    raise ProtocolError(f"a frame must hold a map, got {type(message).__name__}")
+  return message
+
+
+class RpcServer:
+  """Serves `handlers[method](**args)` (coroutines) on host:port."""
+
+  def __init__(self, handlers: dict[str, Handler], host: str = "127.0.0.1", port: int = 0):
+    self.handlers = handlers
+    self.host, self.port = host, port
+    self._server: asyncio.base_events.Server | None = None
+
+  async def start(self) -> "RpcServer":
+    self._server = await asyncio.start_server(self._serve, self.host, self.port)
+    self.port = self._server.sockets[0].getsockname()[1]
+    return self
+
+  async def stop(self) -> None:
+    if self._server is not None:
+      self._server.close()
+      await self._server.wait_closed()
+
+  @property
+  def address(self) -> str:
+    return f"{self.host}:{self.port}"
+
+  async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    lock = asyncio.Lock()
+    tasks: set[asyncio.Task] = set()
+
+    async def reply(message: dict) -> None:
+      async with lock:
+        writer.write(pack(message))
+        await writer.drain()
+
+    async def handle(request: dict) -> None:
+      request_id = request.get("id", 0)
+      method, args = request.get("method"), request.get("args", {})
+      try:
+        if method not in self.handlers:
+          raise StorageError(f"unknown method {method!r}", "bad_request")
+        if not isinstance(args, dict):
+          raise StorageError("args must be a map", "bad_request")
+        result = await self.handlers[method](**args)
+        await reply({"id": request_id, "ok": True, "result": result})
+      except (ConnectionError, asyncio.CancelledError):
+        raise
+      except Exception as err:  # report, never crash the server
+        if not isinstance(err, (StorageError, *_KIND_OF)):
+          logging.exception("storage rpc %s failed", method)
+        try:
+          await reply({"id": request_id, "ok": False, "error": error_payload(err)})
+        except ConnectionError:
+          pass
+
+    try:
+      while True:
+        try:
+          request = await read_frame(reader)
+        except ProtocolError as err:
+          await reply({"id": 0, "ok": False, "error": error_payload(err)})
+          break
+        if request is None:
+          break
+        task = asyncio.create_task(handle(request))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    except ConnectionError:
+      pass
+    finally:
+      for task in tasks:
+        task.cancel()
+      writer.close()
+
+
+class RpcClient:
+  """One multiplexed connection to an `RpcServer`; `await client.call("method", **args)`."""
+
+  def __init__(self, address: str, *, timeout_s: float = 30.0):
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+      raise ValueError(f"address must be HOST:PORT, got {address!r}")
+    self.host, self.port, self.timeout_s = host, int(port), timeout_s
+    self._ids = itertools.count(1)
+    self._pending: dict[int, asyncio.Future] = {}
+    self._writer: asyncio.StreamWriter | None = None
+    self._reader_task: asyncio.Task | None = None
+    self._lock = asyncio.Lock()
+
+  async def _connect(self) -> None:
+    reader, self._writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), self.timeout_s)
+    self._reader_task = asyncio.create_task(self._read_replies(reader))
+
+  async def _read_replies(self, reader: asyncio.StreamReader) -> None:
+    error: BaseException = ConnectionError(f"connection to {self.host}:{self.port} closed")
+    try:
+      while (message := await read_frame(reader)) is not None:
+        future = self._pending.pop(message.get("id"), None)
+        if future is not None and not future.done():
+          future.set_result(message)
+    except (ProtocolError, ConnectionError) as err:
+      error = err
+    finally:
+      for future in self._pending.values():
+        if not future.done():
+          future.set_exception(error)
+      self._pending.clear()
+      self._writer = None
+
+  async def call(self, method: str, **args) -> Any:
+    """Sends one request and returns its result, or raises the server's error as a Python exception."""
+    async with self._lock:
+      if self._writer is None:
+        await self._connect()
+      request_id = next(self._ids)
+      future = asyncio.get_running_loop().create_future()
+      self._pending[request_id] = future
+      self._writer.write(pack({"id": request_id, "method": method, "args": args}))
+      await self._writer.drain()
+    try:
+      reply = await asyncio.wait_for(future, self.timeout_s)
+    except asyncio.TimeoutError:
+      self._pending.pop(request_id, None)
+      raise TimeoutError(f"{method} to {self.host}:{self.port} timed out after {self.timeout_s} s") from None
+    if not reply.get("ok"):
+      raise_error(reply.get("error", {}))
+    return reply.get("result")
+
+  async def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+    if self._reader_task is not None:
+      await asyncio.gather(self._reader_task, return_exceptions=True)
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+  """uvloop's loop when it is installed (faster sockets), else asyncio's."""
+  try:
+    import uvloop
+  except ImportError:
+    return asyncio.new_event_loop()
+  return uvloop.new_event_loop()
