@@ -52,6 +52,7 @@ _KINDS: dict[str, type[Exception]] = {
     "timeout": TimeoutError,
 }
 _KIND_OF = {cls: kind for kind, cls in _KINDS.items()}
+_KIND_OF[TypeError] = "bad_request"  # wrong or missing arguments of an RPC
 
 
 def error_payload(err: BaseException) -> dict:
@@ -108,6 +109,7 @@ class RpcServer:
     self.handlers = handlers
     self.host, self.port = host, port
     self._server: asyncio.base_events.Server | None = None
+    self._connections: set[asyncio.Task] = set()
 
   async def start(self) -> "RpcServer":
     self._server = await asyncio.start_server(self._serve, self.host, self.port)
@@ -117,6 +119,9 @@ class RpcServer:
   async def stop(self) -> None:
     if self._server is not None:
       self._server.close()
+      for task in list(self._connections):  # open connections end with the server
+        task.cancel()
+      await asyncio.gather(*self._connections, return_exceptions=True)
       await self._server.wait_closed()
 
   @property
@@ -124,6 +129,9 @@ class RpcServer:
     return f"{self.host}:{self.port}"
 
   async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    me = asyncio.current_task()
+    self._connections.add(me)
+    me.add_done_callback(self._connections.discard)
     lock = asyncio.Lock()
     tasks: set[asyncio.Task] = set()
 
