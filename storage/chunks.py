@@ -152,6 +152,20 @@ class ChunkStore:
       self._put_row(chunk, row._replace(update=version, pending_checksum=checksum(content)))
       return version
 
+  def replace_pending(self, chunk: ChunkId, data: bytes, version: int, chain_version: int) -> None:
+    """Stores a forwarded write: the whole chunk as pending `version` (CRAQ successors, and
+    syncing replicas, receive full chunks)."""
+    if len(data) > self.chunk_size:
+      raise ValueError(f"{len(data)} bytes do not fit a chunk of {self.chunk_size}")
+    with self._lock:
+      row = self._row(chunk) or _Row(chain_version, 0, 0, 0, checksum(b""), 0)
+      if row.update != row.committed:
+        raise PendingWrite(f"chunk {chunk.name} already has pending version {row.update}")
+      if version <= row.committed:
+        raise ChunkError(f"chunk {chunk.name}: forwarded version {version} is not newer than {row.committed}")
+      self._write_file(self._path(chunk, version), bytes(data))
+      self._put_row(chunk, row._replace(update=version, pending_checksum=checksum(bytes(data))))
+
   def commit(self, chunk: ChunkId, version: int, chain_version: int) -> None:
     """Makes pending `version` the committed one (at the tail, or on the acknowledgement)."""
     with self._lock:

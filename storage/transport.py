@@ -172,8 +172,8 @@ class RpcServer:
         task = asyncio.create_task(handle(request))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
-    except ConnectionError:
-      pass
+    except (ConnectionError, asyncio.CancelledError):
+      pass  # a closed peer, or the server stopping: this connection simply ends
     finally:
       for task in tasks:
         task.cancel()

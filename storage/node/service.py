@@ -1,0 +1,271 @@
+"""The storage service: a node's targets, CRAQ replication along chains, and resync of returning replicas.
+
+Writes enter at the head of a chain's write path (its serving targets, then its syncing ones),
+which serializes them per chunk with a lock, stores a pending version and forwards the whole
+updated chunk to its successor; the tail commits at once and acknowledges, and every node
+commits on the acknowledgement (3FS design notes, "Data replication"). Reads go to any serving
+target and answer "pending" while a write to the chunk is in flight. Every request names the
+chain version it was routed with; a mismatch is refused with the latest version, so the caller
+re-routes. A node whose lease lapsed (no mgmtd for half a lease) refuses everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import pathlib
+from typing import Any
+
+from storage.chunks import ChunkCorrupted, ChunkId, ChunkNotFound, ChunkStore, PendingWrite
+from storage.cluster.lease import LeaseKeeper
+from storage.cluster.resync import ChunkMeta, plan_sync
+from storage.cluster.states import LocalState
+from storage.transport import RpcClient, RpcServer, StorageError
+
+MAX_CHUNK_BYTES = 64 << 20
+
+
+class StaleChain(StorageError):
+  def __init__(self, message: str):
+    super().__init__(message, "stale_chain")
+
+
+class NotServing(StorageError):
+  def __init__(self, message: str):
+    super().__init__(message, "not_serving")
+
+
+class StorageNode:
+  """One storage node: `await node.start()` registers with mgmtd and serves on `node.address`."""
+
+  def __init__(self, data_dir, mgmtd_address: str, *, num_targets: int = 1, host: str = "127.0.0.1",
+               port: int = 0):
+    self.data_dir = pathlib.Path(data_dir)
+    self.data_dir.mkdir(parents=True, exist_ok=True)
+    self.mgmtd = RpcClient(mgmtd_address, timeout_s=5.0)
+    self.num_targets = num_targets
+    self.server = RpcServer(self._handlers(), host, port)
+    self.stores: dict[int, ChunkStore] = {}
+    self.local: dict[int, LocalState] = {}
+    self.routing: dict[str, Any] = {"version": 0, "nodes": {}, "chains": []}
+    self._locks: dict[tuple[int, str], asyncio.Lock] = {}
+    self._peers: dict[str, RpcClient] = {}
+    self._syncing: set[int] = set()
+    self._tasks: list[asyncio.Task] = []
+    self.lease: LeaseKeeper | None = None
+
+  # -- lifecycle --
+  @property
+  def address(self) -> str:
+    return self.server.address
+
+  async def start(self) -> "StorageNode":
+    await self.server.start()
+    identity = self.data_dir / "node.json"
+    known = json.loads(identity.read_text())["node_id"] if identity.exists() else None
+    reply = await self.mgmtd.call("register_node", address=self.address, num_targets=self.num_targets, node_id=known)
+    identity.write_text(json.dumps({"node_id": reply["node_id"]}))
+    self.node_id = reply["node_id"]
+    for target in reply["targets"]:
+      self.stores[target] = ChunkStore(self.data_dir / f"target-{target}", MAX_CHUNK_BYTES)
+      # A restarted node's data may be stale: it comes back "online" and is resynced before serving.
+      self.local[target] = LocalState.ONLINE if known is not None else LocalState.UP_TO_DATE
+    self.lease = LeaseKeeper(self.mgmtd, self.node_id, lambda: {t: s.value for t, s in self.local.items()},
+                             reply["lease_s"])
+    await self.refresh_routing()
+    if known is not None:
+      await self._wait_until_marked_offline()
+    await self.lease.beat()
+    self._tasks = [asyncio.create_task(self._background())]
+    return self
+
+  async def _wait_until_marked_offline(self) -> None:
+    """3FS: a restarted node stays silent until mgmtd has marked all its targets down, so none
+    can go back to serving without a resync (online + serving would stay serving)."""
+    while True:
+      states = {t: public for chain in self.routing["chains"] for t, public, _ in chain["targets"] if t in self.stores}
+      if all(public in ("offline", "lastsrv") for public in states.values()):
+        return
+      await asyncio.sleep(self.lease.lease_s / 8)
+      await self.refresh_routing()
+
+  async def stop(self) -> None:
+    for task in self._tasks:
+      task.cancel()
+    await asyncio.gather(*self._tasks, return_exceptions=True)
+    await self.server.stop()
+    for client in [self.mgmtd, *self._peers.values()]:
+      await client.close()
+    for store in self.stores.values():
+      store.close()
+
+  async def _background(self) -> None:
+    while True:
+      await self.lease.beat()
+      if self.lease.routing_version != self.routing["version"]:
+        await self.refresh_routing()
+      await self._start_resyncs()
+      await asyncio.sleep(self.lease.lease_s / 8)
+
+  async def refresh_routing(self) -> None:
+    try:
+      self.routing = await self.mgmtd.call("get_routing")
+    except (OSError, TimeoutError, ConnectionError):
+      pass
+
+  # -- routing helpers --
+  def _chain(self, chain_id: int) -> dict:
+    for chain in self.routing["chains"]:
+      if chain["chain_id"] == chain_id:
+        return chain
+    raise StaleChain(f"chain {chain_id} is unknown to this node (routing version {self.routing['version']})")
+
+  async def _check(self, chain_id: int, chain_version: int, target: int) -> dict:
+    if self.lease is None or not self.lease.serving:
+      raise NotServing(f"node {getattr(self, 'node_id', '?')} has lost its mgmtd lease and is not serving")
+    if target not in self.stores:
+      raise ValueError(f"target {target} is not on this node")
+    chain = self._chain(chain_id)
+    if chain_version > chain["version"]:  # the caller has newer routing than we do: catch up first
+      await self.refresh_routing()
+      chain = self._chain(chain_id)
+    if chain["version"] != chain_version:
+      raise StaleChain(f"chain {chain_id} version {chain_version} is stale; latest is {chain['version']}")
+    return chain
+
+  @staticmethod
+  def write_path(chain: dict) -> list[int]:
+    return [t for t, public, _ in chain["targets"] if public in ("serving", "syncing")]
+
+  def _node_of(self, target: int) -> str:
+    for node in self.routing["nodes"].values():
+      if target in node["targets"]:
+        return node["address"]
+    raise StaleChain(f"no node hosts target {target}")
+
+  def _peer(self, address: str) -> RpcClient:
+    if address not in self._peers:
+      self._peers[address] = RpcClient(address, timeout_s=5.0)
+    return self._peers[address]
+
+  def _lock(self, target: int, chunk: ChunkId) -> asyncio.Lock:
+    return self._locks.setdefault((target, chunk.name), asyncio.Lock())
+
+  # -- RPC handlers --
+  def _handlers(self):
+    return {"write": self.write, "replicate": self.replicate, "read": self.read,
+            "dump_chunkmeta": self.dump_chunkmeta, "sync_replace": self.sync_replace,
+            "sync_remove": self.sync_remove, "sync_done": self.sync_done}
+
+  async def write(self, chain_id: int, chain_version: int, target: int, chunk: list, offset: int,
+                  data: bytes) -> dict:
+    """A client write, at the head: returns the committed chunk version."""
+    chain = await self._check(chain_id, chain_version, target)
+    path = self.write_path(chain)
+    if not path or path[0] != target:
+      raise StaleChain(f"target {target} is not the head of chain {chain_id}")
+    chunk_id = ChunkId(*chunk)
+    store = self.stores[target]
+    async with self._lock(target, chunk_id):
+      version = store.prepare(chunk_id, offset, data, chain_version)
+      try:
+        await self._forward(chain, target, chunk_id, version)
+      except BaseException:
+        store.abort(chunk_id)
+        raise
+      store.commit(chunk_id, version, chain_version)
+    return {"version": version}
+
+  async def replicate(self, chain_id: int, chain_version: int, target: int, chunk: list, data: bytes,
+                      version: int) -> dict:
+    """A forwarded write: the whole chunk at `version`; stored pending, forwarded on, committed on the ack."""
+    chain = await self._check(chain_id, chain_version, target)
+    chunk_id = ChunkId(*chunk)
+    store = self.stores[target]
+    async with self._lock(target, chunk_id):
+      store.abort(chunk_id)  # a pending left by an earlier, failed attempt
+      store.replace_pending(chunk_id, data, version, chain_version)
+      try:
+        await self._forward(chain, target, chunk_id, version)
+      except BaseException:
+        store.abort(chunk_id)
+        raise
+      store.commit(chunk_id, version, chain_version)
+    return {"version": version}
+
+  async def _forward(self, chain: dict, target: int, chunk: ChunkId, version: int) -> None:
+    path = self.write_path(chain)
+    successor = path[path.index(target) + 1] if path.index(target) + 1 < len(path) else None
+    if successor is None:
+      return  # the tail: commit at once
+    data = self.stores[target].read(chunk, relaxed=True)
+    await self._peer(self._node_of(successor)).call(
+        "replicate", chain_id=chain["chain_id"], chain_version=chain["version"], target=successor,
+        chunk=list(chunk), data=data, version=version)
+
+  async def read(self, chain_id: int, chain_version: int, target: int, chunk: list, offset: int = 0,
+                 length: int | None = None) -> dict:
+    """Committed bytes of a chunk; "pending" while a write is in flight; "corrupted" on a bad checksum."""
+    chain = await self._check(chain_id, chain_version, target)
+    if not any(t == target and public == "serving" for t, public, _ in chain["targets"]):
+      raise NotServing(f"target {target} is not serving reads in chain {chain_id}")
+    try:
+      data = self.stores[target].read(ChunkId(*chunk), offset, length)
+    except ChunkNotFound:
+      data = b""  # never written: a hole
+    except PendingWrite as err:
+      raise StorageError(str(err), "pending") from None
+    except ChunkCorrupted as err:
+      raise StorageError(str(err), "corrupted") from None
+    return {"data": data}
+
+  # -- resync (this node as the returning replica) --
+  async def dump_chunkmeta(self, target: int) -> dict:
+    return {name: list(meta) for name, meta in self.stores[target].dump_meta().items()}
+
+  async def sync_replace(self, target: int, chunk: list, data: bytes, version: int, chain_version: int) -> None:
+    chunk_id = ChunkId(*chunk)
+    async with self._lock(target, chunk_id):
+      self.stores[target].replace(chunk_id, data, version, chain_version)
+
+  async def sync_remove(self, target: int, chunks: list) -> None:
+    for chunk in chunks:
+      self.stores[target].remove(ChunkId(*chunk))
+
+  async def sync_done(self, target: int) -> None:
+    self.local[target] = LocalState.UP_TO_DATE
+    await self.lease.beat()
+
+  # -- resync (this node as the predecessor) --
+  async def _start_resyncs(self) -> None:
+    for chain in self.routing["chains"]:
+      targets = chain["targets"]
+      for (mine, public, _), (succ, succ_public, _) in zip(targets, targets[1:]):
+        if mine in self.stores and public == "serving" and succ_public == "syncing" and succ not in self._syncing:
+          self._syncing.add(succ)
+          self._tasks.append(asyncio.create_task(self._resync(chain, mine, succ)))
+
+  async def _resync(self, chain: dict, mine: int, successor: int) -> None:
+    peer = self._peer(self._node_of(successor))
+    try:
+      remote = {name: ChunkMeta(*meta) for name, meta in (await peer.call("dump_chunkmeta", target=successor)).items()}
+      store = self.stores[mine]
+      plan = plan_sync(store.dump_meta(), remote)
+      for name in sorted(plan.transfer):
+        chunk = ChunkId(int(name[:16], 16), int(name[17:], 16))
+        async with self._lock(mine, chunk):
+          meta = store.meta(chunk)
+          if meta is None:
+            continue
+          data = store.read(chunk)
+          await peer.call("sync_replace", target=successor, chunk=list(chunk), data=data, version=meta.committed,
+                          chain_version=meta.chain_version)
+      removals = [[int(n[:16], 16), int(n[17:], 16)] for n in sorted(plan.remove)]
+      if removals:
+        await peer.call("sync_remove", target=successor, chunks=removals)
+      await peer.call("sync_done", target=successor)
+    except Exception:  # retried on a later routing refresh
+      logging.exception("resync of target %s from %s failed", successor, mine)
+    finally:
+      self._syncing.discard(successor)
