@@ -1,0 +1,262 @@
+"""The Python client: files on a storage cluster, with the feel of local files.
+
+  client = storage.connect("HOST:PORT")        # the mgmtd address
+  with client.open("/data/file", "wb") as f: f.write(data)
+  with client.open("/data/file", "rb") as f: data = f.read()
+
+Metadata goes to a meta server (found through mgmtd); data goes straight to the chains, which
+the client computes itself from the file's layout (chunk i on `chains[i % stripe]`), so meta is
+off the data path, as in 3FS. Writes go to a chain's head; reads to any serving replica, in
+turn. A stale chain version, a replica that stopped serving, or a lost connection refreshes the
+routing and retries (bounded); a write in flight ("pending") is waited out; a corrupted replica
+is skipped for another. The client runs its own event loop in a thread, so its API is plain
+blocking calls that notebooks and scripts can use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import threading
+import time
+from typing import Any, NamedTuple
+
+from storage.transport import RpcClient, StorageError, new_event_loop
+
+_RETRY_KINDS = {"stale_chain", "not_serving", "pending", "corrupted"}
+_ATTEMPTS = 200
+_BACKOFF_S = 0.02
+
+
+class FileStat(NamedTuple):
+  inode: int
+  is_dir: bool
+  size: int
+  mode: int
+  mtime: float
+  chunk_size: int | None
+  chains: tuple[int, ...] | None
+
+
+def _to_stat(value: dict) -> FileStat:
+  layout = value.get("layout")
+  return FileStat(value["inode"], value["is_dir"], value["size"], value["mode"], value["mtime"],
+                  layout["chunk_size"] if layout else None, tuple(layout["chains"]) if layout else None)
+
+
+class Client:
+  """A connection to one cluster; thread-safe; close it (or use `with`) to free its thread."""
+
+  def __init__(self, address: str, *, timeout_s: float = 30.0):
+    self._loop = new_event_loop()
+    self._thread = threading.Thread(target=self._loop.run_forever, name="storage-client", daemon=True)
+    self._thread.start()
+    self.timeout_s = timeout_s
+    self._mgmtd = RpcClient(address, timeout_s=timeout_s)
+    self._nodes: dict[str, RpcClient] = {}
+    self._turn = itertools.count()
+    self.routing: dict[str, Any] = self._run(self._mgmtd.call("get_routing"))
+    deadline = time.monotonic() + timeout_s
+    while not self.routing["meta"]:
+      if time.monotonic() > deadline:
+        raise StorageError(f"no meta server registered with mgmtd at {address}")
+      time.sleep(0.1)
+      self.routing = self._run(self._mgmtd.call("get_routing"))
+    self._meta = RpcClient(self.routing["meta"][0], timeout_s=timeout_s)
+
+  def _run(self, coro):
+    return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+  def close(self) -> None:
+    async def shut():
+      for client in [self._mgmtd, self._meta, *self._nodes.values()]:
+        await client.close()
+    self._run(shut())
+    self._loop.call_soon_threadsafe(self._loop.stop)
+    self._thread.join(timeout=5)
+
+  def __enter__(self) -> "Client":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  # -- namespace --
+  def _meta_call(self, method: str, **args):
+    return self._run(self._meta.call(method, **args))
+
+  def stat(self, path: str) -> FileStat:
+    return _to_stat(self._meta_call("stat", path=path))
+
+  def listdir(self, path: str = "/") -> list[str]:
+    return self._meta_call("listdir", path=path)
+
+  def mkdir(self, path: str, *, parents: bool = False, exist_ok: bool = False) -> FileStat:
+    return _to_stat(self._meta_call("mkdir", path=path, parents=parents, exist_ok=exist_ok))
+
+  def rename(self, src: str, dst: str) -> None:
+    self._meta_call("rename", src=src, dst=dst)
+
+  def remove(self, path: str) -> None:
+    """Removes a file (its chunks are not reclaimed yet: see the storage issue's notes)."""
+    self._meta_call("unlink", path=path)
+
+  def rmdir(self, path: str) -> None:
+    self._meta_call("rmdir", path=path)
+
+  def exists(self, path: str) -> bool:
+    try:
+      self.stat(path)
+      return True
+    except (FileNotFoundError, NotADirectoryError):
+      return False
+
+  def open(self, path: str, mode: str = "rb"):
+    """A binary file: "rb" (io.BufferedReader) or "wb" (io.BufferedWriter, truncating)."""
+    if mode not in ("rb", "wb"):
+      raise ValueError(f"mode must be 'rb' or 'wb', got {mode!r}")
+    if mode == "rb":
+      stat = self.stat(path)
+      if stat.is_dir:
+        raise IsADirectoryError(f"is a directory: {path}")
+      raw = _RawFile(self, path, stat, session=None)
+      return io.BufferedReader(raw, buffer_size=stat.chunk_size)
+    stat = _to_stat(self._meta_call("create", path=path, truncate=True))
+    session = self._meta_call("open_session", inode=stat.inode)
+    return io.BufferedWriter(_RawFile(self, path, stat, session=session), buffer_size=stat.chunk_size)
+
+  def pread(self, path: str, offset: int, length: int) -> bytes:
+    stat = self.stat(path)
+    end = min(stat.size, offset + length)
+    return self._run(self._read(stat, offset, max(end - offset, 0)))
+
+  # -- data path --
+  async def _refresh(self) -> None:
+    self.routing = await self._mgmtd.call("get_routing")
+
+  def _node(self, target: int) -> RpcClient:
+    address = next((n["address"] for n in self.routing["nodes"].values() if target in n["targets"]), None)
+    if address is None:
+      raise StorageError(f"no node hosts target {target}", "stale_chain")
+    if address not in self._nodes:
+      self._nodes[address] = RpcClient(address, timeout_s=self.timeout_s)
+    return self._nodes[address]
+
+  def _chain(self, chain_id: int) -> dict:
+    return next(c for c in self.routing["chains"] if c["chain_id"] == chain_id)
+
+  async def _retrying(self, attempt):
+    last: Exception | None = None
+    for n in range(_ATTEMPTS):
+      try:
+        return await attempt()
+      except StorageError as err:
+        if err.kind not in _RETRY_KINDS:
+          raise
+        last = err
+      except (ConnectionError, OSError, TimeoutError) as err:
+        last = err
+      await asyncio.sleep(_BACKOFF_S * min(n + 1, 10))
+      await self._refresh()
+    raise StorageError(f"gave up after {_ATTEMPTS} attempts: {last}", "unavailable")
+
+  async def _write_chunk(self, stat: FileStat, index: int, offset: int, data: bytes) -> None:
+    chain_id = stat.chains[index % len(stat.chains)]
+
+    async def attempt():
+      chain = self._chain(chain_id)
+      path = [t for t, public, _ in chain["targets"] if public in ("serving", "syncing")]
+      if not path:
+        raise StorageError(f"chain {chain_id} has no serving target", "not_serving")
+      await self._node(path[0]).call("write", chain_id=chain_id, chain_version=chain["version"], target=path[0],
+                                     chunk=[stat.inode, index], offset=offset, data=data)
+    await self._retrying(attempt)
+
+  async def _read_chunk(self, stat: FileStat, index: int, offset: int, length: int) -> bytes:
+    chain_id = stat.chains[index % len(stat.chains)]
+
+    async def attempt():
+      chain = self._chain(chain_id)
+      replicas = [t for t, public, _ in chain["targets"] if public == "serving"]
+      if not replicas:
+        raise StorageError(f"chain {chain_id} has no serving replica", "not_serving")
+      target = replicas[next(self._turn) % len(replicas)]  # spread reads; a retry moves to the next one
+      reply = await self._node(target).call("read", chain_id=chain_id, chain_version=chain["version"],
+                                            target=target, chunk=[stat.inode, index], offset=offset, length=length)
+      data = reply["data"]
+      return data + bytes(length - len(data))  # a hole or short chunk reads as zeros
+    return await self._retrying(attempt)
+
+  async def _read(self, stat: FileStat, offset: int, length: int) -> bytes:
+    pieces = []
+    size = stat.chunk_size
+    position, end = offset, offset + length
+    while position < end:
+      index, within = divmod(position, size)
+      take = min(size - within, end - position)
+      pieces.append(self._read_chunk(stat, index, within, take))
+      position += take
+    return b"".join(await asyncio.gather(*pieces))  # chunks on different chains are read in parallel
+
+  async def _write(self, stat: FileStat, offset: int, data: bytes) -> None:
+    size = stat.chunk_size
+    pieces, position = [], 0
+    while position < len(data):
+      index, within = divmod(offset + position, size)
+      take = min(size - within, len(data) - position)
+      pieces.append(self._write_chunk(stat, index, within, data[position:position + take]))
+      position += take
+    await asyncio.gather(*pieces)
+
+
+class _RawFile(io.RawIOBase):
+  def __init__(self, client: Client, path: str, stat: FileStat, session: str | None):
+    self._client, self.name, self._stat, self._session = client, path, stat, session
+    self._position = 0
+    self._length = 0 if session else stat.size
+
+  def readable(self) -> bool:
+    return self._session is None
+
+  def writable(self) -> bool:
+    return self._session is not None
+
+  def seekable(self) -> bool:
+    return True
+
+  def tell(self) -> int:
+    return self._position
+
+  def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+    base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._length}[whence]
+    if base + offset < 0:
+      raise ValueError(f"negative seek position {base + offset}")
+    self._position = base + offset
+    return self._position
+
+  def readinto(self, buffer) -> int:
+    length = max(0, min(len(buffer), self._length - self._position))
+    if length == 0:
+      return 0
+    data = self._client._run(self._client._read(self._stat, self._position, length))
+    buffer[:length] = data
+    self._position += length
+    return length
+
+  def write(self, data) -> int:
+    data = bytes(data)
+    self._client._run(self._client._write(self._stat, self._position, data))
+    self._position += len(data)
+    self._length = max(self._length, self._position)
+    return len(data)
+
+  def close(self) -> None:
+    if not self.closed and self._session is not None:
+      self._client._meta_call("close_session", inode=self._stat.inode, session=self._session, length=self._length)
+    super().close()
+
+
+def connect(address: str, **kwargs) -> Client:
+  """A client of the cluster whose mgmtd listens at `address` ("HOST:PORT")."""
+  return Client(address, **kwargs)

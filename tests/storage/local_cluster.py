@@ -1,0 +1,54 @@
+"""A whole cluster (mgmtd, one meta server, storage nodes) on loopback, in one event loop thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from storage.cluster.mgmtd import Mgmtd
+from storage.kv import SqliteKV
+from storage.meta.service import MetaServer
+from storage.node import StorageNode
+from storage.transport import RpcServer, new_event_loop
+
+
+class LocalCluster:
+  def __init__(self, root, *, nodes: int = 3, replicas: int = 3, targets: int = 1, lease_s: float = 2.0,
+               chunk_size: int = 64 << 10, stripe: int = 4):
+    self.root, self.num_nodes, self.replicas, self.targets = root, nodes, replicas, targets
+    self.lease_s, self.chunk_size, self.stripe = lease_s, chunk_size, stripe
+    self.loop = new_event_loop()
+    self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+  def run(self, coro):
+    return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
+
+  def __enter__(self) -> "LocalCluster":
+    self.thread.start()
+    self.run(self._start())
+    return self
+
+  async def _start(self):
+    self.mgmtd = Mgmtd(self.root / "mgmtd", lease_s=self.lease_s)
+    self.mgmtd_server = await RpcServer(self.mgmtd.handlers).start()
+    self.scanner = asyncio.create_task(self.mgmtd.run_scanner())
+    self.address = self.mgmtd_server.address
+    self.nodes = [await StorageNode(self.root / f"node{i}", self.address, num_targets=self.targets).start()
+                  for i in range(self.num_nodes)]
+    await self.mgmtd.create_chain_table(self.replicas)
+    self.kv = SqliteKV(self.root / "meta.db")
+    self.meta = await MetaServer(self.kv, self.address, chunk_size=self.chunk_size, stripe=self.stripe).start()
+
+  def __exit__(self, *exc) -> None:
+    self.run(self._stop())
+    self.loop.call_soon_threadsafe(self.loop.stop)
+    self.thread.join(timeout=10)
+
+  async def _stop(self):
+    await self.meta.stop()
+    for node in self.nodes:
+      await node.stop()
+    self.scanner.cancel()
+    await self.mgmtd_server.stop()
+    self.mgmtd.close()
+    self.kv.close()
