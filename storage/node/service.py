@@ -170,7 +170,7 @@ class StorageNode:
     async with self._lock(target, chunk_id):
       version = store.prepare(chunk_id, offset, data, chain_version)
       try:
-        await self._forward(chain, target, chunk_id, version)
+        await self._forward_until_acked(chain_id, target, chunk_id, version)
       except BaseException:
         store.abort(chunk_id)
         raise
@@ -183,16 +183,41 @@ class StorageNode:
     chain = await self._check(chain_id, chain_version, target)
     chunk_id = ChunkId(*chunk)
     store = self.stores[target]
+    del chain
     async with self._lock(target, chunk_id):
       store.abort(chunk_id)  # a pending left by an earlier, failed attempt
+      meta = store.meta(chunk_id)
+      if meta is not None and version <= meta.committed:
+        # A resend of a write this replica already committed (its ack was lost), or a retry of a
+        # write the head gave up on: the head is the authority, so take its bytes as they are.
+        store.replace(chunk_id, data, version, chain_version)
+        await self._forward_until_acked(chain_id, target, chunk_id, version)
+        return {"version": version}
       store.replace_pending(chunk_id, data, version, chain_version)
       try:
-        await self._forward(chain, target, chunk_id, version)
+        await self._forward_until_acked(chain_id, target, chunk_id, version)
       except BaseException:
         store.abort(chunk_id)
         raise
       store.commit(chunk_id, version, chain_version)
     return {"version": version}
+
+  async def _forward_until_acked(self, chain_id: int, target: int, chunk: ChunkId, version: int) -> None:
+    """Forwards to the current successor; if it fails or the chain changed, waits for new routing
+    and resends to whoever the successor is then (3FS: "A keeps forwarding the request to C")."""
+    deadline = asyncio.get_running_loop().time() + 3 * self.lease.lease_s
+    while True:
+      chain = self._chain(chain_id)
+      if target not in self.write_path(chain):
+        raise NotServing(f"target {target} left the write path of chain {chain_id}")
+      try:
+        return await self._forward(chain, target, chunk, version)
+      except (ConnectionError, OSError, TimeoutError, StorageError) as err:
+        retryable = not isinstance(err, StorageError) or err.kind in ("stale_chain", "not_serving")
+        if not retryable or asyncio.get_running_loop().time() > deadline:
+          raise
+      await asyncio.sleep(0.05)
+      await self.refresh_routing()
 
   async def _forward(self, chain: dict, target: int, chunk: ChunkId, version: int) -> None:
     path = self.write_path(chain)

@@ -1,0 +1,205 @@
+"""Faults with real processes on 127.0.0.1: kill -9 a node mid-write, lose mgmtd, corrupt a chunk,
+restart meta, and hostile requests. Every wait is bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import struct
+import subprocess
+import threading
+import time
+
+import msgpack
+import pytest
+
+import storage
+from storage.__main__ import _spawn
+from storage.transport import RpcClient, StorageError, new_event_loop
+
+LEASE_S = 2.0
+
+
+def _call(address, method, **args):
+  async def go():
+    client = RpcClient(address, timeout_s=10)
+    try:
+      return await client.call(method, **args)
+    finally:
+      await client.close()
+  loop = new_event_loop()
+  try:
+    return loop.run_until_complete(go())
+  finally:
+    loop.close()
+
+
+def _wait(predicate, timeout_s=30.0, what="condition"):
+  deadline = time.monotonic() + timeout_s
+  while not predicate():
+    if time.monotonic() > deadline:
+      raise TimeoutError(f"timed out waiting for {what}")
+    time.sleep(0.1)
+
+
+class Processes:
+  def __init__(self, root):
+    self.root, self.procs = root, {}
+
+  def start(self, name, argv, kind):
+    proc, address = _spawn(argv, kind)
+    self.procs[name] = proc
+    return address
+
+  def kill(self, name, sig=signal.SIGKILL):
+    proc = self.procs.pop(name)
+    proc.send_signal(sig)
+    proc.wait(timeout=10)
+
+  def stop_all(self):
+    for proc in self.procs.values():
+      proc.send_signal(signal.SIGTERM)
+    for proc in self.procs.values():
+      try:
+        proc.wait(timeout=10)
+      except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+  ps = Processes(tmp_path)
+  try:
+    mgmtd = ps.start("mgmtd", ["mgmtd", "--data-dir", str(tmp_path / "mgmtd"), "--lease-s", str(LEASE_S)], "mgmtd")
+    nodes = [ps.start(f"node{i}", ["node", "--mgmtd", mgmtd, "--data-dir", str(tmp_path / f"node{i}")], "node")
+             for i in range(3)]
+    _call(mgmtd, "create_chain_table", replicas=3)
+    meta = ps.start("meta", ["meta", "--mgmtd", mgmtd, "--kv", f"sqlite:{tmp_path / 'meta.db'}",
+                             "--chunk-size", "65536"], "meta")
+    yield ps, mgmtd, nodes, meta
+  finally:
+    ps.stop_all()
+
+
+def _chain(mgmtd):
+  return _call(mgmtd, "get_routing")["chains"][0]
+
+
+def test_kill_9_a_node_while_writing_then_rejoin(cluster, tmp_path):
+  ps, mgmtd, nodes, meta = cluster
+  acknowledged, stop, errors = {}, threading.Event(), []
+  with storage.connect(mgmtd) as client:
+    def writer():
+      i = 0
+      while not stop.is_set() and i < 400:
+        payload = os.urandom(10_000 + i)
+        try:
+          with client.open(f"/w{i}", "wb") as f:
+            f.write(payload)
+          acknowledged[i] = payload
+        except Exception as err:
+          errors.append(err)
+          return
+        i += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    _wait(lambda: len(acknowledged) >= 5, what="first writes")
+    version = _chain(mgmtd)["version"]
+    ps.kill("node1")
+    _wait(lambda: len(acknowledged) >= 40 or errors, timeout_s=60, what="writes after the crash")
+    stop.set()
+    thread.join(timeout=60)
+    assert not errors, errors
+    chain = _chain(mgmtd)
+    assert chain["version"] > version and chain["targets"][-1][1] in ("offline", "lastsrv")
+    for i, payload in acknowledged.items():
+      with client.open(f"/w{i}", "rb") as f:
+        assert f.read() == payload
+    ps.start("node1", ["node", "--mgmtd", mgmtd, "--data-dir", str(tmp_path / "node1")], "node")
+    _wait(lambda: all(p == "serving" for _, p, _ in _chain(mgmtd)["targets"]), timeout_s=60, what="resync")
+    for i in list(acknowledged)[-5:]:  # every replica answers, the returned one included
+      for _ in range(3):
+        assert client.pread(f"/w{i}", 0, 1 << 20) == acknowledged[i]
+
+
+def test_a_node_cut_off_from_mgmtd_stops_serving(cluster):
+  ps, mgmtd, nodes, meta = cluster
+  chain = _chain(mgmtd)
+  target = chain["targets"][0][0]
+  routing = _call(mgmtd, "get_routing")
+  address = next(n["address"] for n in routing["nodes"].values() if target in n["targets"])
+  ps.kill("mgmtd")
+  time.sleep(LEASE_S)  # more than half a lease
+  with pytest.raises(StorageError, match="lost its mgmtd lease"):
+    _call(address, "read", chain_id=1, chain_version=chain["version"], target=target, chunk=[1, 0])
+
+
+def test_a_corrupted_chunk_is_served_from_another_replica(cluster, tmp_path):
+  ps, mgmtd, nodes, meta = cluster
+  payload = os.urandom(50_000)
+  with storage.connect(mgmtd) as client:
+    with client.open("/precious", "wb") as f:
+      f.write(payload)
+    victims = list((tmp_path / "node0").glob("target-*/data/*.v*"))
+    assert victims
+    for path in victims:
+      data = bytearray(path.read_bytes())
+      data[100] ^= 0xFF
+      path.write_bytes(bytes(data))
+    for _ in range(6):  # reads rotate over replicas: node0's copy fails its checksum and is skipped
+      assert client.pread("/precious", 0, len(payload)) == payload
+
+
+def test_meta_restart_loses_nothing(cluster, tmp_path):
+  ps, mgmtd, nodes, meta = cluster
+  with storage.connect(mgmtd) as client:
+    client.mkdir("/kept/deep", parents=True)
+    with client.open("/kept/deep/file", "wb") as f:
+      f.write(b"committed")
+  ps.kill("meta")
+  live = ps.start("meta", ["meta", "--mgmtd", mgmtd, "--kv", f"sqlite:{tmp_path / 'meta.db'}", "--chunk-size",
+                           "65536"], "meta")
+  assert live in _call(mgmtd, "get_routing")["meta"]
+  assert _call(live, "stat", path="/kept/deep/file")["size"] == len(b"committed")
+  assert _call(live, "listdir", path="/kept") == ["deep"]
+
+
+def _raw(address, payload: bytes) -> dict:
+  async def go():
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(payload)
+    writer.write_eof()
+    reply = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return msgpack.unpackb(reply[4:], raw=False)
+  loop = new_event_loop()
+  try:
+    return loop.run_until_complete(go())
+  finally:
+    loop.close()
+
+
+def test_bad_input_gets_clear_errors_and_servers_keep_running(cluster):
+  ps, mgmtd, nodes, meta = cluster
+  for address in (nodes[0], meta, mgmtd):
+    for payload in (struct.pack(">I", (64 << 20) + 1), struct.pack(">I", 4) + b"\xc1\xc1\xc1\xc1",
+                    struct.pack(">I", 50) + b"short"):
+      reply = _raw(address, payload)
+      assert not reply["ok"] and reply["error"]["kind"] == "protocol"
+  with pytest.raises(ValueError):
+    _call(meta, "stat", path="/../../etc/passwd")
+  with pytest.raises(FileNotFoundError):
+    _call(meta, "stat", path="/no/such/file")
+  chain = _chain(mgmtd)
+  with pytest.raises(StorageError, match="stale"):
+    _call(nodes[0], "read", chain_id=1, chain_version=chain["version"] - 1, target=chain["targets"][0][0],
+          chunk=[1, 0])
+  with pytest.raises(ValueError, match="unknown method"):
+    _call(nodes[0], "format_disk")
+  with storage.connect(mgmtd) as client:  # everyone still serves
+    with client.open("/alive", "wb") as f:
+      f.write(b"yes")
+    assert client.pread("/alive", 0, 3) == b"yes"
