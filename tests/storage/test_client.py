@@ -94,3 +94,36 @@ def test_writes_continue_through_a_node_crash(cluster):
       assert f.read() == b"a" * 100_000
     with client.open("/after", "rb") as f:
       assert f.read() == b"b" * 100_000
+
+
+def test_ioring_batches_reads_into_one_buffer(cluster):
+  import errno
+
+  import numpy as np
+
+  from storage.ioring import IoRing
+
+  files = {f"/r/{i}": os.urandom(150_000 + i * 1000) for i in range(3)}
+  with storage.connect(cluster.address) as client:
+    client.mkdir("/r")
+    for path, data in files.items():
+      with client.open(path, "wb") as f:
+        f.write(data)
+    rng = np.random.default_rng(0)
+    buffer = np.zeros(64 * 4096, np.uint8)
+    ring = IoRing(client, buffer, entries=70)
+    expected = {}
+    for slot in range(64):
+      path = f"/r/{slot % 3}"
+      offset = int(rng.integers(0, len(files[path]) - 100))
+      ring.prepare(path, offset, 4096, buffer_offset=slot * 4096, userdata=slot)
+      expected[slot] = files[path][offset:offset + 4096]  # may be short at the end of a file
+    ring.prepare("/r/missing", 0, 10, buffer_offset=0, userdata="missing")
+    with pytest.raises(ValueError, match="does not fit"):
+      ring.prepare("/r/0", 0, 10, buffer_offset=len(buffer))
+    assert ring.submit() == 65
+    done = {c.userdata: c.result for c in ring.wait(timeout=30)}
+    assert done.pop("missing") == -errno.ENOENT
+    for slot, want in expected.items():
+      assert done[slot] == len(want)
+      assert bytes(buffer[slot * 4096:slot * 4096 + len(want)]) == want
