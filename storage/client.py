@@ -27,6 +27,7 @@ from storage.transport import RpcClient, StorageError, new_event_loop
 _RETRY_KINDS = {"stale_chain", "not_serving", "pending", "corrupted"}
 _ATTEMPTS = 200
 _BACKOFF_S = 0.02
+_WRITE_AHEAD_CHUNKS = 8
 
 
 class FileStat(NamedTuple):
@@ -124,7 +125,9 @@ class Client:
       return io.BufferedReader(raw, buffer_size=stat.chunk_size)
     stat = _to_stat(self._meta_call("create", path=path, truncate=True))
     session = self._meta_call("open_session", inode=stat.inode)
-    return io.BufferedWriter(_RawFile(self, path, stat, session=session), buffer_size=stat.chunk_size)
+    # A buffer of several chunks: each flush writes them concurrently (different chunks, or chains).
+    buffer_size = stat.chunk_size * max(_WRITE_AHEAD_CHUNKS, len(stat.chains))
+    return io.BufferedWriter(_RawFile(self, path, stat, session=session), buffer_size=buffer_size)
 
   def pread(self, path: str, offset: int, length: int) -> bytes:
     stat = self.stat(path)
