@@ -2,7 +2,8 @@
 
 Suites so far: balancer (CPU, numpy), fp8 (the xla GEMMs against bf16; DeepGEMM's shapes on a
 GPU, scaled down on CPU) and mla (split-KV decode against the dense oracle; FlashMLA's cases on a
-GPU) and ffi (the dispatch custom calls against their jnp references). GPU kernel suites join
+GPU), ffi (the dispatch custom calls against their jnp references) and storage (a local
+cluster against local files). GPU kernel suites join
 here as their issues land.
 """
 
@@ -10,10 +11,11 @@ import sys
 
 from absl import app
 
-from benchmarks import bench_balancer, bench_ffi, bench_fp8, bench_mla
+from benchmarks import bench_balancer, bench_ffi, bench_fp8, bench_mla, bench_storage
 from benchmarks.harness import append_results, format_table
 
-SUITES = {"balancer": bench_balancer.run, "fp8": bench_fp8.run, "mla": bench_mla.run, "ffi": bench_ffi.run}
+SUITES = {"balancer": bench_balancer.run, "fp8": bench_fp8.run, "mla": bench_mla.run, "ffi": bench_ffi.run,
+          "storage": bench_storage.run}
 
 
 def main(argv):

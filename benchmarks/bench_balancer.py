@@ -79,7 +79,11 @@ def run(repeats: int = 20) -> list[dict]:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("repeats", 20, "Timed calls of the vectorised greedy rebalance.")
+
+
+def define_flags() -> None:
+  """Defines this benchmark's flags; only when run as a program, so `python -m benchmarks` can import every suite."""
+  flags.DEFINE_integer("repeats", 20, "Timed calls of the vectorised greedy rebalance.")
 
 
 def main(argv):
@@ -97,4 +101,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

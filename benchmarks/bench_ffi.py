@@ -48,9 +48,13 @@ def run(repeats: int = 10, tokens: int = 4096, hidden: int = 7168, topk: int = 8
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("repeats", 10, "Timed calls per case (after 2 warm-up calls).")
-flags.DEFINE_integer("tokens", 4096, "Tokens per rank.")
-flags.DEFINE_integer("hidden", 7168, "Hidden size.")
+
+
+def define_flags() -> None:
+  """Defines this benchmark's flags; only when run as a program, so `python -m benchmarks` can import every suite."""
+  flags.DEFINE_integer("repeats", 10, "Timed calls per case (after 2 warm-up calls).")
+  flags.DEFINE_integer("tokens", 4096, "Tokens per rank.")
+  flags.DEFINE_integer("hidden", 7168, "Hidden size.")
 
 
 def main(argv):
@@ -62,4 +66,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

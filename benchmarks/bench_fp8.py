@@ -168,9 +168,13 @@ def run(shapes: str = "auto", implementation: str = "xla", repeats: int = 10) ->
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("shapes", "auto", ["auto", "cpu", "deepgemm"], "Shape table: DeepGEMM's, or scaled down for CPU.")
-flags.DEFINE_string("implementation", "xla", "fp8 backend to time.")
-flags.DEFINE_integer("repeats", 10, "Timed calls per case (after 2 warm-up calls).")
+
+
+def define_flags() -> None:
+  """Defines this benchmark's flags; only when run as a program, so `python -m benchmarks` can import every suite."""
+  flags.DEFINE_enum("shapes", "auto", ["auto", "cpu", "deepgemm"], "Shape table: DeepGEMM's, or scaled down for CPU.")
+  flags.DEFINE_string("implementation", "xla", "fp8 backend to time.")
+  flags.DEFINE_integer("repeats", 10, "Timed calls per case (after 2 warm-up calls).")
 
 
 def main(argv):
@@ -182,4 +186,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

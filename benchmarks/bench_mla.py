@@ -79,9 +79,13 @@ def run(shapes: str = "auto", implementation: str = "xla", repeats: int = 10) ->
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("shapes", "auto", ["auto", "cpu", "flashmla"], "FlashMLA's performance cases, or shrunk for CPU.")
-flags.DEFINE_string("implementation", "xla", "mla backend to time.")
-flags.DEFINE_integer("repeats", 10, "Timed calls per case (after 2 warm-up calls).")
+
+
+def define_flags() -> None:
+  """Defines this benchmark's flags; only when run as a program, so `python -m benchmarks` can import every suite."""
+  flags.DEFINE_enum("shapes", "auto", ["auto", "cpu", "flashmla"], "FlashMLA's performance cases, or shrunk for CPU.")
+  flags.DEFINE_string("implementation", "xla", "mla backend to time.")
+  flags.DEFINE_integer("repeats", 10, "Timed calls per case (after 2 warm-up calls).")
 
 
 def main(argv):
@@ -93,4 +97,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

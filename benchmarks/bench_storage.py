@@ -130,9 +130,13 @@ def run(data_mib: int = 64, clients: int = 4, reads: int = 2000) -> list[dict]:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("mib", 64, "MiB written and read per client.")
-flags.DEFINE_integer("clients", 4, "Client processes in the parallel case.")
-flags.DEFINE_integer("reads", 2000, "Random 4 KiB reads through the IoRing.")
+
+
+def define_flags() -> None:
+  """Defines this benchmark's flags; only when run as a program, so `python -m benchmarks` can import every suite."""
+  flags.DEFINE_integer("mib", 64, "MiB written and read per client.")
+  flags.DEFINE_integer("clients", 4, "Client processes in the parallel case.")
+  flags.DEFINE_integer("reads", 2000, "Random 4 KiB reads through the IoRing.")
 
 
 def main(argv):
@@ -145,4 +149,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -1,12 +1,11 @@
-"""A 3FS-style distributed file system and a smallpond-style data layer (in progress).
+"""A 3FS-style distributed file system (a smallpond-style data layer comes with the ecosystem issue).
 
-Built so far: the transactional KV seam (`storage.kv`: memory and SQLite backends), the chunk
-store with CRAQ versions and checksums (`storage.chunks`), the RPC transport
-(`storage.transport`), mgmtd with the target state machine and resync rules
-(`storage.cluster`), the meta service (`storage.meta`), the storage service with CRAQ
-(`storage.node`), and the client (`storage.connect`). Still to come: the command line and
-cluster launcher, the etcd backend, the IoRing batched reads, and the data layer.
-Rebuilds 3FS and smallpond.
+`storage.kv`: the transactional KV seam (memory, SQLite, etcd). `storage.transport`: the RPC
+transport (msgpack over TCP; the one module to replace for RDMA). `storage.cluster`: mgmtd,
+leases, the target state machine and resync rules. `storage.meta`: the namespace and the meta
+service. `storage.node` and `storage.chunks`: the storage service with CRAQ and checksummed
+chunks. `storage.connect`: the client; `storage.ioring`: batched reads. `python -m storage`:
+the services, a local cluster launcher, and client commands. Rebuilds 3FS.
 """
 
 from storage.client import Client, connect

@@ -1,7 +1,7 @@
 """`python -m storage`: run a service, a whole local cluster, or a client command.
 
   python -m storage mgmtd --port P --data-dir D [--lease-s 10]
-  python -m storage meta  --mgmtd HOST:P [--port P2] [--kv sqlite:PATH|memory]
+  python -m storage meta  --mgmtd HOST:P [--port P2] [--kv sqlite:PATH|etcd://HOST:PORT|memory]
   python -m storage node  --mgmtd HOST:P --data-dir D [--targets N] [--port P3]
   python -m storage cluster --nodes 3 --replicas 3 --data-dir DIR [--port P]
   python -m storage ls|stat|mkdir|rm PATH --address HOST:P
@@ -62,12 +62,14 @@ def run_mgmtd(args) -> None:
 
 
 def _kv(spec: str):
-  from storage.kv import MemoryKV, SqliteKV
+  from storage.kv import EtcdKV, MemoryKV, SqliteKV
   if spec == "memory":
     return MemoryKV()
   if spec.startswith("sqlite:"):
     return SqliteKV(spec[len("sqlite:"):])
-  raise SystemExit(f"--kv must be sqlite:PATH or memory, got {spec!r}")
+  if spec.startswith("etcd://"):
+    return EtcdKV("http://" + spec[len("etcd://"):])
+  raise SystemExit(f"--kv must be sqlite:PATH, etcd://HOST:PORT or memory, got {spec!r}")
 
 
 def run_meta(args) -> None:

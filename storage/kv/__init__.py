@@ -1,8 +1,9 @@
 """The transactional KV seam under the metadata service (3FS's IKVEngine), with its backends."""
 
 from storage.kv.engine import Conflict, KVEngine, KVError, ReadOnlyError, Transaction, run_transaction
+from storage.kv.etcd import EtcdKV
 from storage.kv.memory import MemoryKV
 from storage.kv.sqlite import SqliteKV
 
-__all__ = ["Conflict", "KVEngine", "KVError", "MemoryKV", "ReadOnlyError", "SqliteKV", "Transaction",
+__all__ = ["Conflict", "EtcdKV", "KVEngine", "KVError", "MemoryKV", "ReadOnlyError", "SqliteKV", "Transaction",
            "run_transaction"]

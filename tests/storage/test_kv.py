@@ -9,11 +9,17 @@ import threading
 import pytest
 
 from storage.kv import Conflict, KVError, MemoryKV, ReadOnlyError, SqliteKV, run_transaction
+from storage.kv.etcd import EtcdKV
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "etcd"])
 def engine(request, tmp_path):
-  kv = MemoryKV() if request.param == "memory" else SqliteKV(tmp_path / "meta.db")
+  if request.param == "etcd":
+    endpoint = request.getfixturevalue("etcd_endpoint")
+    kv = EtcdKV(endpoint)
+    kv.post("/v3/kv/deleterange", {"key": "AA==", "range_end": "AA=="})  # start empty: delete every key
+  else:
+    kv = MemoryKV() if request.param == "memory" else SqliteKV(tmp_path / "meta.db")
   yield kv
   kv.close()
 

@@ -8,12 +8,17 @@ import threading
 import pytest
 
 from storage.kv import MemoryKV, SqliteKV
+from storage.kv.etcd import EtcdKV
 from storage.meta import Namespace, split_path
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "etcd"])
 def ns(request, tmp_path):
-  engine = MemoryKV() if request.param == "memory" else SqliteKV(tmp_path / "meta.db")
+  if request.param == "etcd":
+    engine = EtcdKV(request.getfixturevalue("etcd_endpoint"))
+    engine.post("/v3/kv/deleterange", {"key": "AA==", "range_end": "AA=="})  # start from an empty store
+  else:
+    engine = MemoryKV() if request.param == "memory" else SqliteKV(tmp_path / "meta.db")
   yield Namespace(engine, chains=range(1, 11), chunk_size=1024, stripe=4)
   engine.close()
 
