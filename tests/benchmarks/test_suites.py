@@ -15,4 +15,5 @@ def test_all_suites_import_together():
 def test_each_suite_is_a_program(suite):
   result = subprocess.run([sys.executable, "-m", f"benchmarks.{suite}", "--helpshort"], capture_output=True,
                           text=True, timeout=120)
-  assert result.returncode == 0, result.stderr[-2000:]
+  # absl exits 1 after printing help; what matters is that the flags were defined and printed.
+  assert "flags:" in result.stdout and "Traceback" not in result.stderr, result.stderr[-2000:]
