@@ -189,7 +189,10 @@ class Namespace:
 
   def create(self, path: str, *, exclusive: bool = False, truncate: bool = True, mode: int = 0o644,
              chunk_size: int | None = None, stripe: int | None = None) -> Stat:
-    """Creates a file (or opens an existing one, truncated when `truncate`) and returns its stat."""
+    """Creates a file (or opens an existing one, truncated when `truncate`) and returns its stat.
+
+    Truncating a file that holds data replaces its inode, as `open(path, "wb")` over an old file.
+    """
     chunk_size = chunk_size or self.chunk_size
     stripe = min(stripe or self.stripe, len(self.chains))
 
@@ -203,10 +206,11 @@ class Namespace:
         if entry["type"] == "dir":
           raise IsADirectoryError(f"is a directory: {path}")
         inode = self._get_inode(txn, entry["id"])
-        if truncate and inode["length"]:
-          inode.update(length=0, mtime=time.time(), truncate_version=inode["truncate_version"] + 1)
-          self._put_inode(txn, entry["id"], inode)
-        return self._stat(entry["id"], inode)
+        if not (truncate and inode["length"]):
+          return self._stat(entry["id"], inode)
+        # Truncating a written file gives it a fresh inode (and so fresh chunk ids): its old chunks
+        # can never show through holes the new content leaves. Open readers keep the old inode.
+        txn.clear(_inode_key(entry["id"]))
       inode_id = self._new_inode_id(txn)
       # 3FS: `stripe` consecutive chains from a round-robin start, shuffled with a per-file seed.
       start = inode_id % len(self.chains)

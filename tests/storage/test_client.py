@@ -127,3 +127,48 @@ def test_ioring_batches_reads_into_one_buffer(cluster):
     for slot, want in expected.items():
       assert done[slot] == len(want)
       assert bytes(buffer[slot * 4096:slot * 4096 + len(want)]) == want
+
+
+def test_rewriting_a_file_never_shows_its_old_bytes_through_holes(cluster):
+  with storage.connect(cluster.address) as client:
+    with client.open("/reused", "wb") as f:
+      f.write(b"\xaa" * 200_000)
+    with client.open("/reused", "wb") as f:
+      f.write(b"new")
+      f.seek(100_000)
+      f.write(b"end")  # bytes 3..100_000 are a hole
+    with client.open("/reused", "rb") as f:
+      data = f.read()
+    assert data == b"new" + bytes(100_000 - 3) + b"end"
+
+
+def test_a_reader_during_a_write_sees_only_committed_bytes(cluster):
+  """Readers of a file being rewritten see the old bytes, then nothing (the new inode's length is
+  published at close, as 3FS's lengths are exact after close), then the new bytes: never a mix."""
+  with storage.connect(cluster.address) as client:
+    with client.open("/growing", "wb") as f:
+      f.write(b"x" * 65_536)
+    stop, seen, errors = threading.Event(), [], []
+
+    def reader():
+      while not stop.is_set():
+        try:
+          data = client.pread("/growing", 0, 1 << 20)
+          seen.append(data)
+          assert set(data) <= {ord("x"), ord("y")}, "a read saw bytes nobody wrote"
+        except Exception as err:
+          errors.append(err)
+          return
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    with client.open("/growing", "wb") as f:
+      for _ in range(10):
+        f.write(b"y" * 65_536)
+        f.flush()
+    stop.set()
+    thread.join(timeout=30)
+    assert not errors and len(seen) > 1
+    for data in seen:
+      assert data in (b"x" * 65_536, b"", b"y" * 655_360)
+    assert client.pread("/growing", 0, 1 << 20) == b"y" * 655_360
