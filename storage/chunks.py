@@ -75,6 +75,20 @@ class ChunkStore:
     self._db.execute("PRAGMA synchronous=FULL")
     self._db.execute("CREATE TABLE IF NOT EXISTS chunks (id TEXT PRIMARY KEY, chain_version INTEGER, "
                      "committed INTEGER, update_ver INTEGER, length INTEGER, checksum INTEGER, pending_checksum INTEGER)")
+    self._drop_stale_pending()
+
+  def _drop_stale_pending(self) -> None:
+    """A pending version found at open belongs to a write that died with the process: drop it, so
+    the chunk reads as committed and resync compares committed versions (3FS abandons it too)."""
+    rows = self._db.execute("SELECT id, committed, update_ver FROM chunks WHERE update_ver != committed").fetchall()
+    for name, committed, update in rows:
+      (self.root / "data" / f"{name}.v{update}").unlink(missing_ok=True)
+      if committed == 0:
+        self._db.execute("DELETE FROM chunks WHERE id=?", (name,))
+      else:
+        self._db.execute("UPDATE chunks SET update_ver=committed, pending_checksum=0 WHERE id=?", (name,))
+    for tmp in (self.root / "data").glob("*.tmp"):
+      tmp.unlink(missing_ok=True)
 
   def _path(self, chunk: ChunkId, version: int) -> pathlib.Path:
     return self.root / "data" / f"{chunk.name}.v{version}"

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 from storage.transport import RpcClient, StorageError, new_event_loop
 
-_RETRY_KINDS = {"stale_chain", "not_serving", "pending", "corrupted"}
+_RETRY_KINDS = {"stale_chain", "not_serving", "pending", "corrupted", "unavailable"}
 _ATTEMPTS = 200
 _BACKOFF_S = 0.02
 _WRITE_AHEAD_CHUNKS = 8
@@ -130,6 +130,8 @@ class Client:
     return io.BufferedWriter(_RawFile(self, path, stat, session=session), buffer_size=buffer_size)
 
   def pread(self, path: str, offset: int, length: int) -> bytes:
+    if offset < 0 or length < 0:
+      raise ValueError(f"offset and length must be >= 0, got {offset} and {length}")
     stat = self.stat(path)
     end = min(stat.size, offset + length)
     return self._run(self._read(stat, offset, max(end - offset, 0)))
@@ -161,7 +163,10 @@ class Client:
       except (ConnectionError, OSError, TimeoutError) as err:
         last = err
       await asyncio.sleep(_BACKOFF_S * min(n + 1, 10))
-      await self._refresh()
+      try:
+        await self._refresh()
+      except (ConnectionError, OSError, TimeoutError) as err:  # mgmtd briefly away: keep trying
+        last = err
     raise StorageError(f"gave up after {_ATTEMPTS} attempts: {last}", "unavailable")
 
   async def _write_chunk(self, stat: FileStat, index: int, offset: int, data: bytes) -> None:

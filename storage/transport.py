@@ -20,7 +20,8 @@ from typing import Any, Awaitable, Callable
 
 import msgpack
 
-MAX_FRAME_BYTES = 64 << 20  # a request or reply may carry one chunk of data plus headers
+MAX_FRAME_BYTES = (64 << 20) + (1 << 20)  # one 64 MiB chunk of data plus headers
+MAX_IN_FLIGHT_PER_CONNECTION = 16  # requests served at once per connection; more wait unread
 _HEADER = struct.Struct(">I")
 
 Handler = Callable[..., Awaitable[Any]]
@@ -59,6 +60,8 @@ def error_payload(err: BaseException) -> dict:
   """How a server reports `err`: its kind (from the exception type) and message."""
   if isinstance(err, StorageError):
     return {"kind": err.kind, "message": str(err)}
+  if isinstance(err, ConnectionError):  # a peer of the server is away: worth a retry by the caller
+    return {"kind": "unavailable", "message": str(err) or type(err).__name__}
   kind = next((k for cls, k in _KIND_OF.items() if isinstance(err, cls)), "storage")
   return {"kind": kind, "message": str(err) or type(err).__name__}
 
@@ -133,6 +136,7 @@ class RpcServer:
     self._connections.add(me)
     me.add_done_callback(self._connections.discard)
     lock = asyncio.Lock()
+    slots = asyncio.Semaphore(MAX_IN_FLIGHT_PER_CONNECTION)
     tasks: set[asyncio.Task] = set()
 
     async def reply(message: dict) -> None:
@@ -148,17 +152,19 @@ class RpcServer:
           raise StorageError(f"unknown method {method!r}", "bad_request")
         if not isinstance(args, dict):
           raise StorageError("args must be a map", "bad_request")
-        result = await self.handlers[method](**args)
-        await reply({"id": request_id, "ok": True, "result": result})
-      except (ConnectionError, asyncio.CancelledError):
+        message = {"id": request_id, "ok": True, "result": await self.handlers[method](**args)}
+      except asyncio.CancelledError:
         raise
-      except Exception as err:  # report, never crash the server
-        if not isinstance(err, (StorageError, *_KIND_OF)):
+      except Exception as err:  # report every failure, a lost connection downstream included
+        if not isinstance(err, (StorageError, ConnectionError, *_KIND_OF)):
           logging.exception("storage rpc %s failed", method)
-        try:
-          await reply({"id": request_id, "ok": False, "error": error_payload(err)})
-        except ConnectionError:
-          pass
+        message = {"id": request_id, "ok": False, "error": error_payload(err)}
+      try:
+        await reply(message)
+      except ConnectionError:
+        pass  # the caller is gone
+      finally:
+        slots.release()
 
     try:
       while True:
@@ -169,6 +175,7 @@ class RpcServer:
           break
         if request is None:
           break
+        await slots.acquire()  # bounded work per connection: reading pauses when it is full
         task = asyncio.create_task(handle(request))
         tasks.add(task)
         task.add_done_callback(tasks.discard)

@@ -30,12 +30,13 @@ class LeaseKeeper:
 
   async def beat(self) -> bool:
     """One heartbeat; True if mgmtd answered."""
+    sent = self._clock()  # the lease runs from when mgmtd could have seen us, not when it replied
     try:
       reply = await self.mgmtd.call("heartbeat", node_id=self.node_id,
                                     local_states={str(t): s for t, s in self.local_states().items()})
     except (OSError, TimeoutError, ConnectionError):
       return False
-    self.last_ok = self._clock()
+    self.last_ok = sent
     self.routing_version = reply["routing_version"]
     return True
 

@@ -2,9 +2,11 @@
 
 Each target has a *public* state, shipped with the chain table to every service and client, and
 a *local* state, reported in its service's heartbeats (or `offline` when they stop). On each
-scan mgmtd moves targets whose local state is offline to the end of their chain, then walks the
-chain from head to tail and applies `next_public_state` with the predecessor's new state. The
-chain version rises whenever the order or any public state changed.
+scan mgmtd orders the chain as live targets (serving ones first, then last-serving, syncing,
+waiting) followed by targets whose local state is offline, walks it from head to tail and
+applies `next_public_state` with the predecessor's new state; for a target going down, "no
+predecessor" means no other target serves or is last-serving. The chain version rises whenever
+the order or any public state changed.
 """
 
 from __future__ import annotations
@@ -77,11 +79,21 @@ def update_chain(chain: Chain, local_states: dict[int, LocalState] | None = None
   targets: Sequence[Target] = chain.targets
   if local_states:
     targets = [t._replace(local=local_states.get(t.target_id, t.local)) for t in targets]
-  alive = [t for t in targets if t.local is not LocalState.OFFLINE]
+  # Live targets first, those that serve (or served last) ahead of recovering ones, so a returning
+  # replica always finds a serving predecessor when one exists; down targets go to the end.
+  rank = {PublicState.SERVING: 0, PublicState.LASTSRV: 1, PublicState.SYNCING: 2, PublicState.WAITING: 3,
+          PublicState.OFFLINE: 4}
+  alive = sorted((t for t in targets if t.local is not LocalState.OFFLINE), key=lambda t: rank[t.public])
   down = [t for t in targets if t.local is LocalState.OFFLINE]
   updated: list[Target] = []
-  for target in alive + down:
+  for target in alive:
     predecessor = updated[-1].public if updated else None
+    updated.append(target._replace(public=next_public_state(target.local, target.public, predecessor)))
+  for target in down:
+    # "has no predecessor" for a target that goes down: no other target serves or is the last
+    # server, so this one held the latest data (3FS: lastsrv, "the last serving target").
+    holders = [t for t in updated if t.public in (PublicState.SERVING, PublicState.LASTSRV)]
+    predecessor = holders[-1].public if holders else None
     updated.append(target._replace(public=next_public_state(target.local, target.public, predecessor)))
   changed = [(t.target_id, t.public) for t in updated] != [(t.target_id, t.public) for t in chain.targets]
   return Chain(chain.chain_id, chain.version + 1 if changed else chain.version, tuple(updated))

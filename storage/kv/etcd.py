@@ -2,9 +2,8 @@
 
 Talks to etcd's JSON gateway (`/v3/kv/...`, etcd 3.4+) with the standard library. A
 transaction reads at the store revision it began at, so its reads form one snapshot; commit is
-one etcd `txn` whose compares fail if anything it read changed after that revision:
-`mod_revision < start + 1` for every key and range it read, and `version > 0` for every key it
-saw, so a delete is caught too. A failed compare is a `Conflict`, retried by `run_transaction`.
+one etcd `txn` whose compares fail if anything it read changed after that revision (see
+`_commit`). A failed compare is a `Conflict`, retried by `run_transaction`.
 """
 
 from __future__ import annotations
@@ -58,7 +57,7 @@ class _EtcdTransaction(Transaction):
     super().__init__(read_only)
     self._engine = engine
     self._revision = int(engine.post("/v3/kv/range", {"key": _b64(b"\0")})["header"]["revision"])
-    self._seen: set[bytes] = set()  # keys that existed in our snapshot
+    self._seen: dict[bytes, int] = {}  # key -> mod_revision, for keys read that existed
     self._read_keys: set[bytes] = set()
     self._read_ranges: list[tuple[bytes, bytes]] = []
 
@@ -68,7 +67,7 @@ class _EtcdTransaction(Transaction):
     kvs = reply.get("kvs", [])
     if not kvs:
       return None
-    self._seen.add(key)
+    self._seen[key] = int(kvs[0]["mod_revision"])
     return _unb64(kvs[0].get("value", ""))
 
   def _read_range(self, begin: bytes, end: bytes, limit: int | None) -> list[tuple[bytes, bytes]]:
@@ -78,16 +77,19 @@ class _EtcdTransaction(Transaction):
     if limit is not None:
       body["limit"] = limit
     pairs = [(_unb64(kv["key"]), _unb64(kv.get("value", ""))) for kv in self._engine.post("/v3/kv/range", body).get("kvs", [])]
-    self._seen.update(k for k, _ in pairs)
     return pairs
 
   def _commit(self, writes: dict[bytes, bytes | None]) -> None:
+    # One compare per key read (etcd allows 128 operations per txn): a key seen must still have
+    # the revision we read (a delete makes it 0); a key absent must still be older than our start.
+    # A range gets one compare that catches new or changed keys; a key deleted from a range read
+    # is not caught (the namespace only range-reads to check that a directory is empty).
     unchanged = str(self._revision + 1)
-    compare = [{"key": _b64(k), "target": "MOD", "result": "LESS", "mod_revision": unchanged}
+    compare = [{"key": _b64(k), "target": "MOD", "result": "EQUAL", "mod_revision": str(self._seen[k])}
+               if k in self._seen else {"key": _b64(k), "target": "MOD", "result": "LESS", "mod_revision": unchanged}
                for k in self._read_keys]
     compare += [{"key": _b64(b), "range_end": _b64(e), "target": "MOD", "result": "LESS", "mod_revision": unchanged}
                 for b, e in self._read_ranges]
-    compare += [{"key": _b64(k), "target": "VERSION", "result": "GREATER", "version": "0"} for k in self._seen]
     success = [{"request_put": {"key": _b64(k), "value": _b64(v)}} if v is not None else
                {"request_delete_range": {"key": _b64(k)}} for k, v in writes.items()]
     reply = self._engine.post("/v3/kv/txn", {"compare": compare, "success": success})

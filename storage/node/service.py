@@ -100,11 +100,20 @@ class StorageNode:
     for store in self.stores.values():
       store.close()
 
+  def _rejoin_marked_down_targets(self) -> None:
+    """A target mgmtd marked down (we were cut off, or slow) may have missed writes: report it
+    "online" so it goes through resync instead of waiting forever as "up-to-date"."""
+    for chain in self.routing["chains"]:
+      for target, public, _ in chain["targets"]:
+        if target in self.local and public in ("offline", "waiting") and self.local[target] is LocalState.UP_TO_DATE:
+          self.local[target] = LocalState.ONLINE
+
   async def _background(self) -> None:
     while True:
       await self.lease.beat()
       if self.lease.routing_version != self.routing["version"]:
         await self.refresh_routing()
+      self._rejoin_marked_down_targets()
       await self._start_resyncs()
       await asyncio.sleep(self.lease.lease_s / 8)
 
@@ -167,15 +176,20 @@ class StorageNode:
       raise StaleChain(f"target {target} is not the head of chain {chain_id}")
     chunk_id = ChunkId(*chunk)
     store = self.stores[target]
-    async with self._lock(target, chunk_id):
-      version = store.prepare(chunk_id, offset, data, chain_version)
-      try:
-        await self._forward_until_acked(chain_id, target, chunk_id, version)
-      except BaseException:
-        store.abort(chunk_id)
-        raise
-      store.commit(chunk_id, version, chain_version)
-    return {"version": version}
+
+    async def locked():
+      async with self._lock(target, chunk_id):
+        version = store.prepare(chunk_id, offset, data, chain_version)
+        try:
+          await self._forward_until_acked(chain_id, target, chunk_id, version)
+        except Exception:
+          store.abort(chunk_id)
+          raise
+        store.commit(chunk_id, version, chain_version)
+        return {"version": version}
+    # Once forwarded, a write must finish (commit, or abort on a real failure) even if the caller
+    # hangs up: cancelling it half-way would leave the replicas with different bytes.
+    return await asyncio.shield(asyncio.ensure_future(locked()))
 
   async def replicate(self, chain_id: int, chain_version: int, target: int, chunk: list, data: bytes,
                       version: int) -> dict:
@@ -184,23 +198,26 @@ class StorageNode:
     chunk_id = ChunkId(*chunk)
     store = self.stores[target]
     del chain
-    async with self._lock(target, chunk_id):
-      store.abort(chunk_id)  # a pending left by an earlier, failed attempt
-      meta = store.meta(chunk_id)
-      if meta is not None and version <= meta.committed:
-        # A resend of a write this replica already committed (its ack was lost), or a retry of a
-        # write the head gave up on: the head is the authority, so take its bytes as they are.
-        store.replace(chunk_id, data, version, chain_version)
-        await self._forward_until_acked(chain_id, target, chunk_id, version)
+
+    async def locked():
+      async with self._lock(target, chunk_id):
+        store.abort(chunk_id)  # a pending left by an earlier, failed attempt
+        meta = store.meta(chunk_id)
+        if meta is not None and version <= meta.committed:
+          # A resend of a write this replica already committed (its ack was lost), or a retry of
+          # a write the head gave up on: the head is the authority, so take its bytes as they are.
+          store.replace(chunk_id, data, version, chain_version)
+          await self._forward_until_acked(chain_id, target, chunk_id, version)
+          return {"version": version}
+        store.replace_pending(chunk_id, data, version, chain_version)
+        try:
+          await self._forward_until_acked(chain_id, target, chunk_id, version)
+        except Exception:
+          store.abort(chunk_id)
+          raise
+        store.commit(chunk_id, version, chain_version)
         return {"version": version}
-      store.replace_pending(chunk_id, data, version, chain_version)
-      try:
-        await self._forward_until_acked(chain_id, target, chunk_id, version)
-      except BaseException:
-        store.abort(chunk_id)
-        raise
-      store.commit(chunk_id, version, chain_version)
-    return {"version": version}
+    return await asyncio.shield(asyncio.ensure_future(locked()))  # see `write`
 
   async def _forward_until_acked(self, chain_id: int, target: int, chunk: ChunkId, version: int) -> None:
     """Forwards to the current successor; if it fails or the chain changed, waits for new routing

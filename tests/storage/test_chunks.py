@@ -86,3 +86,16 @@ def test_state_survives_reopening(tmp_path):
   assert again.read(CHUNK) == b"durable" and again.meta(CHUNK) == ChunkMeta(4, 1, 1)
   assert not list((tmp_path / "t" / "data").glob("*.tmp"))
   again.close()
+
+
+def test_a_pending_version_left_by_a_crash_is_dropped_at_open(tmp_path):
+  first = ChunkStore(tmp_path / "t", chunk_size=16)
+  first.commit(CHUNK, first.prepare(CHUNK, 0, b"committed", 1), 1)
+  first.prepare(CHUNK, 0, b"in flight", 1)  # the process dies here
+  fresh = ChunkId(9, 9)
+  first.prepare(fresh, 0, b"never committed", 1)
+  first.close()
+  again = ChunkStore(tmp_path / "t", chunk_size=16)
+  assert again.read(CHUNK) == b"committed" and again.meta(CHUNK) == ChunkMeta(1, 1, 1)
+  assert again.meta(fresh) is None and len(list((tmp_path / "t" / "data").iterdir())) == 1
+  again.close()

@@ -98,3 +98,29 @@ def test_resync_rules():
   # is in flight and will arrive as a normal write); e: remote update 5 == committed 5 -> in flight, skip.
   assert plan.transfer == {"a", "c"} and plan.remove == {"z"}
   assert plan_sync(local, {**remote, "d": ChunkMeta(3, 6, 6)}).transfer == {"a", "c", "d"}
+
+
+def _settle(chain, scans=6):
+  """Scans as mgmtd would, with each syncing replica finishing its resync before the next scan."""
+  for _ in range(scans):
+    finished = {t.target_id: L.UP_TO_DATE for t in chain.targets if t.public is P.SYNCING}
+    chain = update_chain(chain, finished)
+  return chain
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
+def test_a_full_outage_recovers_whatever_order_nodes_return_in(order):
+  chain = _chain((P.SERVING, L.UP_TO_DATE), (P.SERVING, L.UP_TO_DATE), (P.SERVING, L.UP_TO_DATE))
+  down = update_chain(chain, {0: L.OFFLINE, 1: L.OFFLINE, 2: L.OFFLINE})
+  assert [t.public for t in down.targets].count(P.LASTSRV) == 1  # exactly one holder of the latest data
+  for target in order:
+    down = _settle(update_chain(down, {target: L.ONLINE}))
+  assert all(t.public is P.SERVING for t in down.targets), down
+
+
+def test_the_last_server_dying_while_others_sync_leaves_a_lastsrv():
+  chain = _chain((P.SERVING, L.UP_TO_DATE), (P.SYNCING, L.ONLINE), (P.WAITING, L.ONLINE))
+  after = update_chain(chain, {0: L.OFFLINE})
+  assert [t.public for t in after.targets if t.target_id == 0] == [P.LASTSRV]
+  back = _settle(update_chain(after, {0: L.ONLINE}))
+  assert all(t.public is P.SERVING for t in back.targets)

@@ -16,7 +16,7 @@ import pytest
 
 import storage
 from storage.__main__ import _spawn
-from storage.transport import RpcClient, StorageError, new_event_loop
+from storage.transport import MAX_FRAME_BYTES, RpcClient, StorageError, new_event_loop
 
 LEASE_S = 2.0
 
@@ -185,7 +185,7 @@ def _raw(address, payload: bytes) -> dict:
 def test_bad_input_gets_clear_errors_and_servers_keep_running(cluster):
   ps, mgmtd, nodes, meta = cluster
   for address in (nodes[0], meta, mgmtd):
-    for payload in (struct.pack(">I", (64 << 20) + 1), struct.pack(">I", 4) + b"\xc1\xc1\xc1\xc1",
+    for payload in (struct.pack(">I", MAX_FRAME_BYTES + 1), struct.pack(">I", 4) + b"\xc1\xc1\xc1\xc1",
                     struct.pack(">I", 50) + b"short"):
       reply = _raw(address, payload)
       assert not reply["ok"] and reply["error"]["kind"] == "protocol"

@@ -111,3 +111,22 @@ def test_calls_to_a_dead_server_fail_fast():
       await client.call("echo", delay=0)
       await client.call("echo", delay=0)  # the first may still be answered by a closing connection
   _run(body)
+
+
+def test_a_handler_losing_its_own_connection_still_answers():
+  async def downstream_gone():
+    raise ConnectionRefusedError("successor at 127.0.0.1:1 refused the connection")
+
+  async def main():
+    server = await RpcServer({"forward": downstream_gone}).start()
+    client = RpcClient(server.address, timeout_s=5)
+    with pytest.raises(StorageError, match="refused") as err:
+      await client.call("forward")
+    assert err.value.kind == "unavailable"  # clients retry this kind
+    await client.close()
+    await server.stop()
+  loop = transport.new_event_loop()
+  try:
+    loop.run_until_complete(asyncio.wait_for(main(), 10))
+  finally:
+    loop.close()
