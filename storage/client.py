@@ -85,7 +85,26 @@ class Client:
 
   # -- namespace --
   def _meta_call(self, method: str, **args):
-    return self._run(self._meta.call(method, **args))
+    return self._run(self._meta_call_async(method, **args))
+
+  async def _meta_call_async(self, method: str, **args):
+    """One meta RPC; if that server is gone, fail over to another one mgmtd knows (meta is stateless)."""
+    for attempt in range(_ATTEMPTS):
+      try:
+        return await self._meta.call(method, **args)
+      except (ConnectionError, TimeoutError):  # not OSError: FileNotFoundError is an answer, not an outage
+        if attempt == _ATTEMPTS - 1:
+          raise
+      await asyncio.sleep(_BACKOFF_S * min(attempt + 1, 10))
+      try:
+        await self._refresh()
+      except (ConnectionError, OSError, TimeoutError):
+        continue
+      current = f"{self._meta.host}:{self._meta.port}"
+      others = [m for m in self.routing["meta"] if m != current] or self.routing["meta"]
+      if others and others[0] != current:
+        await self._meta.close()
+        self._meta = RpcClient(others[0], timeout_s=self.timeout_s)
 
   def stat(self, path: str) -> FileStat:
     return _to_stat(self._meta_call("stat", path=path))
@@ -160,7 +179,7 @@ class Client:
         if err.kind not in _RETRY_KINDS:
           raise
         last = err
-      except (ConnectionError, OSError, TimeoutError) as err:
+      except (ConnectionError, TimeoutError) as err:
         last = err
       await asyncio.sleep(_BACKOFF_S * min(n + 1, 10))
       try:

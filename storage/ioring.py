@@ -72,7 +72,7 @@ class IoRing:
     async def one(request: _Request) -> None:
       try:
         if request.path not in stats:
-          stats[request.path] = asyncio.ensure_future(self.client._meta.call("stat", path=request.path))
+          stats[request.path] = asyncio.ensure_future(self.client._meta_call_async("stat", path=request.path))
         stat = _to_stat(await stats[request.path])
         if stat.is_dir:
           raise IsADirectoryError(request.path)

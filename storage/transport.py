@@ -145,6 +145,12 @@ class RpcServer:
         await writer.drain()
 
     async def handle(request: dict) -> None:
+      try:
+        await serve_one(request)
+      finally:
+        slots.release()  # also when cancelled: a leaked slot would stall this connection for good
+
+    async def serve_one(request: dict) -> None:
       request_id = request.get("id", 0)
       method, args = request.get("method"), request.get("args", {})
       try:
@@ -163,8 +169,6 @@ class RpcServer:
         await reply(message)
       except ConnectionError:
         pass  # the caller is gone
-      finally:
-        slots.release()
 
     try:
       while True:

@@ -135,7 +135,11 @@ class StorageNode:
       raise NotServing(f"node {getattr(self, 'node_id', '?')} has lost its mgmtd lease and is not serving")
     if target not in self.stores:
       raise ValueError(f"target {target} is not on this node")
-    chain = self._chain(chain_id)
+    try:
+      chain = self._chain(chain_id)
+    except StaleChain:  # a chain we have not heard of yet: catch up first
+      await self.refresh_routing()
+      chain = self._chain(chain_id)
     if chain_version > chain["version"]:  # the caller has newer routing than we do: catch up first
       await self.refresh_routing()
       chain = self._chain(chain_id)
@@ -269,6 +273,9 @@ class StorageNode:
   async def sync_replace(self, target: int, chunk: list, data: bytes, version: int, chain_version: int) -> None:
     chunk_id = ChunkId(*chunk)
     async with self._lock(target, chunk_id):
+      mine = self.stores[target].meta(chunk_id)
+      if mine is not None and (mine.chain_version, mine.committed) > (chain_version, version):
+        return  # a newer write already reached this replica: never roll it back
       self.stores[target].replace(chunk_id, data, version, chain_version)
 
   async def sync_remove(self, target: int, chunks: list) -> None:

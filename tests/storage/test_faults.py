@@ -203,3 +203,14 @@ def test_bad_input_gets_clear_errors_and_servers_keep_running(cluster):
     with client.open("/alive", "wb") as f:
       f.write(b"yes")
     assert client.pread("/alive", 0, 3) == b"yes"
+
+
+def test_clients_fail_over_to_a_new_meta_server(cluster, tmp_path):
+  ps, mgmtd, nodes, meta = cluster
+  with storage.connect(mgmtd) as client:
+    with client.open("/survives", "wb") as f:
+      f.write(b"metadata lives in the shared KV store")
+    ps.kill("meta")
+    ps.start("meta2", ["meta", "--mgmtd", mgmtd, "--kv", f"sqlite:{tmp_path / 'meta.db'}", "--chunk-size", "65536"],
+             "meta")
+    assert client.stat("/survives").size == len(b"metadata lives in the shared KV store")  # same client, new server
