@@ -245,9 +245,11 @@ class RpcClient:
     return reply.get("result")
 
   async def close(self) -> None:
+    """Closes the connection without waiting on the peer (which may be gone or stuck)."""
     if self._writer is not None:
       self._writer.close()
     if self._reader_task is not None:
+      self._reader_task.cancel()
       await asyncio.gather(self._reader_task, return_exceptions=True)
 
 

@@ -94,9 +94,9 @@ class StorageNode:
     for task in self._tasks:
       task.cancel()
     await asyncio.gather(*self._tasks, return_exceptions=True)
-    await self.server.stop()
+    await asyncio.wait_for(self.server.stop(), 10)
     for client in [self.mgmtd, *self._peers.values()]:
-      await client.close()
+      await asyncio.wait_for(client.close(), 5)
     for store in self.stores.values():
       store.close()
 
