@@ -184,13 +184,7 @@ class StorageNode:
     async def locked():
       async with self._lock(target, chunk_id):
         version = store.prepare(chunk_id, offset, data, chain_version)
-        try:
-          await self._forward_until_acked(chain_id, target, chunk_id, version)
-        except Exception:
-          store.abort(chunk_id)
-          raise
-        store.commit(chunk_id, version, chain_version)
-        return {"version": version}
+        return await self._pass_on_and_commit(chain_id, chain_version, target, chunk_id, version)
     # Once forwarded, a write must finish (commit, or abort on a real failure) even if the caller
     # hangs up: cancelling it half-way would leave the replicas with different bytes.
     return await asyncio.shield(asyncio.ensure_future(locked()))
@@ -214,14 +208,20 @@ class StorageNode:
           await self._forward_until_acked(chain_id, target, chunk_id, version)
           return {"version": version}
         store.replace_pending(chunk_id, data, version, chain_version)
-        try:
-          await self._forward_until_acked(chain_id, target, chunk_id, version)
-        except Exception:
-          store.abort(chunk_id)
-          raise
-        store.commit(chunk_id, version, chain_version)
-        return {"version": version}
+        return await self._pass_on_and_commit(chain_id, chain_version, target, chunk_id, version)
     return await asyncio.shield(asyncio.ensure_future(locked()))  # see `write`
+
+  async def _pass_on_and_commit(self, chain_id: int, chain_version: int, target: int, chunk: ChunkId,
+                                version: int) -> dict:
+    """CRAQ's steps 5-6 for a pending `version` held under the chunk lock: forward it down the
+    chain, commit on the acknowledgement, or drop it if the chain could not take it."""
+    try:
+      await self._forward_until_acked(chain_id, target, chunk, version)
+    except Exception:
+      self.stores[target].abort(chunk)
+      raise
+    self.stores[target].commit(chunk, version, chain_version)
+    return {"version": version}
 
   async def _forward_until_acked(self, chain_id: int, target: int, chunk: ChunkId, version: int) -> None:
     """Forwards to the current successor; if it fails or the chain changed, waits for new routing
