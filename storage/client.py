@@ -22,6 +22,7 @@ import threading
 import time
 from typing import Any, NamedTuple
 
+from storage.cluster.routing import RoutingWatcher
 from storage.transport import RpcClient, StorageError, new_event_loop
 
 _RETRY_KINDS = {"stale_chain", "not_serving", "pending", "corrupted", "unavailable"}
@@ -54,24 +55,34 @@ class Client:
     self._thread = threading.Thread(target=self._loop.run_forever, name="storage-client", daemon=True)
     self._thread.start()
     self.timeout_s = timeout_s
-    self._mgmtd = RpcClient(address, timeout_s=timeout_s)
     self._nodes: dict[str, RpcClient] = {}
     self._turn = itertools.count()
-    self.routing: dict[str, Any] = self._run(self._mgmtd.call("get_routing"))
+
+    async def watch():  # created on the client's loop: routing changes are pushed to it
+      watcher = RoutingWatcher(address)
+      await watcher.refresh()
+      return watcher.start()
+    self._watcher = self._run(watch())
     deadline = time.monotonic() + timeout_s
     while not self.routing["meta"]:
       if time.monotonic() > deadline:
         raise StorageError(f"no meta server registered with mgmtd at {address}")
       time.sleep(0.1)
-      self.routing = self._run(self._mgmtd.call("get_routing"))
+      self._run(self._watcher.refresh())
     self._meta = RpcClient(self.routing["meta"][0], timeout_s=timeout_s)
+
+  @property
+  def routing(self) -> dict[str, Any]:
+    """The latest routing mgmtd pushed (nodes, chains with target states, meta servers)."""
+    return self._watcher.routing
 
   def _run(self, coro):
     return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
   def close(self) -> None:
     async def shut():
-      for client in [self._mgmtd, self._meta, *self._nodes.values()]:
+      await self._watcher.close()
+      for client in [self._meta, *self._nodes.values()]:
         await client.close()
     self._run(shut())
     self._loop.call_soon_threadsafe(self._loop.stop)
@@ -157,7 +168,7 @@ class Client:
 
   # -- data path --
   async def _refresh(self) -> None:
-    self.routing = await self._mgmtd.call("get_routing")
+    await self._watcher.refresh()
 
   def _node(self, target: int) -> RpcClient:
     address = next((n["address"] for n in self.routing["nodes"].values() if target in n["targets"]), None)

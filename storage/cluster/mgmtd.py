@@ -3,7 +3,9 @@
 Storage nodes register their targets and heartbeat their local target states; each heartbeat
 renews a lease. A scan (every quarter lease) marks the targets of nodes whose lease ran out as
 locally offline and runs `update_chain` on every chain; any change bumps the routing version,
-which services and clients poll. Meta servers register too, for discovery. Membership and chain
+which is pushed to services and clients: each holds a `watch_routing` long poll open, answered
+the moment the version moves (`storage.cluster.routing.RoutingWatcher`). Meta servers register
+too, for discovery. Membership and chain
 tables persist in a SQLite KV store in the data directory, so a restarted mgmtd keeps them.
 """
 
@@ -38,7 +40,16 @@ class Mgmtd:
     self.chains: dict[int, Chain] = {int(k): _chain_from(v) for k, v in state.get("chains", {}).items()}
     self.routing_version: int = state.get("routing_version", 1)
     self.meta_servers: dict[str, float] = {}
+    self._watchers: list[asyncio.Future] = []
     self._last_seen: dict[int, float] = {node: clock() for node in self.nodes}  # a restart grants a fresh lease
+
+  def _bump(self) -> None:
+    """A routing change: a new version, pushed at once to every open `watch_routing`."""
+    self.routing_version += 1
+    watchers, self._watchers = self._watchers, []
+    for waiter in watchers:
+      if not waiter.done():
+        waiter.set_result(None)
 
   # -- persistence --
   def _save(self) -> None:
@@ -50,7 +61,8 @@ class Mgmtd:
   @property
   def handlers(self):
     return {"register_node": self.register_node, "heartbeat": self.heartbeat, "register_meta": self.register_meta,
-            "get_routing": self.get_routing, "create_chain_table": self.create_chain_table}
+            "get_routing": self.get_routing, "watch_routing": self.watch_routing,
+            "create_chain_table": self.create_chain_table}
 
   async def register_node(self, address: str, num_targets: int, node_id: int | None = None) -> dict:
     """Adds a storage node (or re-registers a known one by `node_id`) and returns its target ids."""
@@ -67,7 +79,7 @@ class Mgmtd:
       node_id = max(self.nodes, default=0) + 1
       self.nodes[node_id] = node = {"address": address, "targets": [node_id * 1000 + i for i in range(num_targets)]}
     self._last_seen[node_id] = self._clock()
-    self.routing_version += 1
+    self._bump()
     self._save()
     return {"node_id": node_id, "targets": node["targets"], "lease_s": self.lease_s}
 
@@ -98,6 +110,25 @@ class Mgmtd:
         "lease_s": self.lease_s,
     }
 
+  async def watch_routing(self, known_version: int, wait_s: float = 5.0) -> dict:
+    """Push by long poll: the routing as soon as its version differs from `known_version`, or
+    after `wait_s` seconds (at most 60) with no change."""
+    if not isinstance(known_version, int):
+      raise ValueError(f"known_version must be an int, got {known_version!r}")
+    if not isinstance(wait_s, (int, float)) or not 0 <= wait_s <= 60:
+      raise ValueError(f"wait_s must be in [0, 60] seconds, got {wait_s!r}")
+    if known_version == self.routing_version:
+      waiter = asyncio.get_running_loop().create_future()
+      self._watchers.append(waiter)
+      try:
+        await asyncio.wait_for(waiter, wait_s)
+      except asyncio.TimeoutError:
+        pass
+      finally:
+        if waiter in self._watchers:
+          self._watchers.remove(waiter)
+    return await self.get_routing()
+
   async def create_chain_table(self, replicas: int) -> list[int]:
     """Builds the chain table once from the registered nodes: chains of `replicas` targets on
     different nodes, taking targets slot by slot across nodes (3FS's example layout)."""
@@ -112,7 +143,7 @@ class Mgmtd:
       members = ordered[start:start + replicas]
       self.chains[chain_id] = Chain(chain_id, 1, tuple(Target(t, PublicState.SERVING, LocalState.UP_TO_DATE)
                                                        for t in members))
-    self.routing_version += 1
+    self._bump()
     self._save()
     return sorted(self.chains)
 
@@ -125,7 +156,7 @@ class Mgmtd:
         changed |= updated.version != chain.version
         self.chains[chain_id] = updated
     if changed:
-      self.routing_version += 1
+      self._bump()
       self._save()
 
   def scan(self) -> None:

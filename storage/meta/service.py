@@ -1,7 +1,7 @@
 """The meta service: the namespace's operations as RPCs, one stateless server among any number.
 
-It learns the chain table from mgmtd (files are striped over its chains) and registers itself
-there for discovery. The KV store is shared by all meta servers (SQLite on one host, etcd
+It learns the chain table from mgmtd's routing push (files are striped over its chains) and
+registers itself there for discovery. The KV store is shared by all meta servers (SQLite on one host, etcd
 across hosts), so a restarted or replaced server loses nothing committed.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from storage.cluster.routing import RoutingWatcher
 from storage.kv import KVEngine
 from storage.meta.namespace import Namespace, Stat
 from storage.transport import RpcClient, RpcServer
@@ -29,6 +30,7 @@ class MetaServer:
                chunk_size: int = 1 << 20, stripe: int = 16):
     self.engine = engine
     self.mgmtd = RpcClient(mgmtd_address, timeout_s=5.0)
+    self.watcher = RoutingWatcher(mgmtd_address, on_change=self._adopt)
     self.chunk_size, self.stripe = chunk_size, stripe
     self.namespace: Namespace | None = None
     self.server = RpcServer(self._handlers(), host, port)
@@ -41,6 +43,7 @@ class MetaServer:
   async def start(self) -> "MetaServer":
     await self.server.start()
     await self._refresh()
+    self.watcher.start()
     self._task = asyncio.create_task(self._heartbeat())
     return self
 
@@ -48,17 +51,21 @@ class MetaServer:
     if self._task:
       self._task.cancel()
       await asyncio.gather(self._task, return_exceptions=True)
+    await self.watcher.close()
     await self.server.stop()
     await self.mgmtd.close()
 
   async def _refresh(self) -> None:
     reply = await self.mgmtd.call("register_meta", address=self.address)
-    routing = await self.mgmtd.call("get_routing")
+    self._lease_s = reply["lease_s"]
+    await self._adopt(await self.watcher.refresh())
+
+  async def _adopt(self, routing: dict) -> None:
+    """New files stripe over the chain table in `routing`."""
     chains = [c["chain_id"] for c in routing["chains"]]
     if chains and (self.namespace is None or tuple(chains) != self.namespace.chains):
       self.namespace = await asyncio.to_thread(Namespace, self.engine, chains, chunk_size=self.chunk_size,
                                                stripe=self.stripe)
-    self._lease_s = reply["lease_s"]
 
   async def _heartbeat(self) -> None:
     while True:

@@ -20,6 +20,7 @@ from typing import Any
 from storage.chunks import ChunkCorrupted, ChunkId, ChunkNotFound, ChunkStore, PendingWrite
 from storage.cluster.lease import LeaseKeeper
 from storage.cluster.resync import ChunkMeta, plan_sync
+from storage.cluster.routing import RoutingWatcher
 from storage.cluster.states import LocalState
 from storage.transport import RpcClient, RpcServer, StorageError
 
@@ -48,7 +49,7 @@ class StorageNode:
     self.server = RpcServer(self._handlers(), host, port)
     self.stores: dict[int, ChunkStore] = {}
     self.local: dict[int, LocalState] = {}
-    self.routing: dict[str, Any] = {"version": 0, "nodes": {}, "chains": []}
+    self.watcher = RoutingWatcher(mgmtd_address, on_change=self._on_routing)
     self._locks: dict[tuple[int, str], asyncio.Lock] = {}
     self._peers: dict[str, RpcClient] = {}
     self._syncing: set[int] = set()
@@ -77,8 +78,13 @@ class StorageNode:
     if known is not None:
       await self._wait_until_marked_offline()
     await self.lease.beat()
+    self.watcher.start()
     self._tasks = [asyncio.create_task(self._background())]
     return self
+
+  @property
+  def routing(self) -> dict[str, Any]:
+    return self.watcher.routing
 
   async def _wait_until_marked_offline(self) -> None:
     """3FS: a restarted node stays silent until mgmtd has marked all its targets down, so none
@@ -94,6 +100,7 @@ class StorageNode:
     for task in self._tasks:
       task.cancel()
     await asyncio.gather(*self._tasks, return_exceptions=True)
+    await asyncio.wait_for(self.watcher.close(), 5)
     await asyncio.wait_for(self.server.stop(), 10)
     for client in [self.mgmtd, *self._peers.values()]:
       await asyncio.wait_for(client.close(), 5)
@@ -108,18 +115,23 @@ class StorageNode:
         if target in self.local and public in ("offline", "waiting") and self.local[target] is LocalState.UP_TO_DATE:
           self.local[target] = LocalState.ONLINE
 
+  async def _on_routing(self, routing: dict) -> None:
+    """Pushed routing: act on a new chain state at once rather than at the next heartbeat."""
+    del routing
+    self._rejoin_marked_down_targets()
+    await self._start_resyncs()
+
   async def _background(self) -> None:
     while True:
       await self.lease.beat()
-      if self.lease.routing_version != self.routing["version"]:
+      if self.lease.routing_version != self.routing["version"]:  # in case a push was missed
         await self.refresh_routing()
-      self._rejoin_marked_down_targets()
-      await self._start_resyncs()
+      await self._on_routing(self.routing)
       await asyncio.sleep(self.lease.lease_s / 8)
 
   async def refresh_routing(self) -> None:
     try:
-      self.routing = await self.mgmtd.call("get_routing")
+      await self.watcher.refresh()
     except (OSError, TimeoutError, ConnectionError):
       pass
 

@@ -129,3 +129,51 @@ def test_a_service_cut_off_from_mgmtd_stops_serving(tmp_path):
     await client.close()
     mgmtd.close()
   _run(body())
+
+
+def test_watch_routing_answers_at_once_on_a_change_and_waits_otherwise(tmp_path):
+  async def body():
+    mgmtd = Mgmtd(tmp_path, lease_s=10)
+    version = mgmtd.routing_version
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    unchanged = await mgmtd.watch_routing(version, wait_s=0.2)
+    assert unchanged["version"] == version and loop.time() - started >= 0.2
+    assert (await mgmtd.watch_routing(version - 1, wait_s=5))["version"] == version  # already behind: no wait
+    watch = asyncio.ensure_future(mgmtd.watch_routing(version, wait_s=30))
+    await asyncio.sleep(0.05)
+    assert not watch.done()
+    await mgmtd.register_node("127.0.0.1:9000", 1)
+    pushed = await asyncio.wait_for(watch, 1)
+    assert pushed["version"] == version + 1 and "1" in pushed["nodes"]
+    with pytest.raises(ValueError, match="wait_s"):
+      await mgmtd.watch_routing(version, wait_s=600)
+    mgmtd.close()
+  _run(body())
+
+
+def test_a_routing_watcher_receives_pushes_over_the_wire(tmp_path):
+  from storage.cluster.routing import RoutingWatcher
+
+  async def body():
+    mgmtd = Mgmtd(tmp_path, lease_s=10)
+    server = await transport.RpcServer(mgmtd.handlers).start()
+    changes = []
+
+    async def on_change(routing):
+      changes.append(routing["version"])
+    watcher = RoutingWatcher(server.address, on_change=on_change, wait_s=30)  # far longer than the test
+    await watcher.refresh()
+    watcher.start()
+    await asyncio.sleep(0.05)
+    await mgmtd.register_node("127.0.0.1:9000", 1)
+    for _ in range(100):
+      if changes:
+        break
+      await asyncio.sleep(0.01)
+    assert changes == [mgmtd.routing_version] and watcher.pushes == 1
+    assert watcher.routing["nodes"]["1"]["address"] == "127.0.0.1:9000"
+    await watcher.close()
+    await server.stop()
+    mgmtd.close()
+  _run(body())
