@@ -74,8 +74,11 @@ def _kv(spec: str):
 
 def run_meta(args) -> None:
   from storage.meta.service import MetaServer
+  if args.kv == "memory":
+    print("meta: --kv memory keeps the namespace in this process only; it is lost when the process ends "
+          "(use sqlite:PATH or etcd://HOST:PORT to keep it)", file=sys.stderr, flush=True)
   server = MetaServer(_kv(args.kv), args.mgmtd, host=args.host, port=args.port, chunk_size=args.chunk_size,
-                      stripe=args.stripe)
+                      stripe=args.stripe, gc_delay_s=args.gc_delay_s)
 
   async def start():
     await server.start()
@@ -128,7 +131,7 @@ def run_cluster(args) -> None:
     loop.run_until_complete(chain_table())
     loop.close()
     meta, _ = _spawn(["meta", "--mgmtd", address, "--kv", f"sqlite:{root / 'meta.db'}",
-                      "--chunk-size", str(args.chunk_size)], "meta")
+                      "--chunk-size", str(args.chunk_size), "--gc-delay-s", str(args.gc_delay_s)], "meta")
     children.append(meta)
     print(f"storage cluster ready at {address}", flush=True)
     stop = {"now": False}
@@ -187,6 +190,8 @@ def main(argv=None) -> None:
   p.add_argument("--kv", default="memory")
   p.add_argument("--chunk-size", type=int, default=1 << 20)
   p.add_argument("--stripe", type=int, default=16)
+  p.add_argument("--gc-delay-s", type=float, default=30.0,
+                 help="seconds a removed file stays readable for readers that opened it before")
   p.set_defaults(run=run_meta)
   p = sub.add_parser("node")
   p.add_argument("--mgmtd", required=True)
@@ -203,6 +208,7 @@ def main(argv=None) -> None:
   p.add_argument("--port", type=int, default=0)
   p.add_argument("--lease-s", type=float, default=10.0)
   p.add_argument("--chunk-size", type=int, default=1 << 20)
+  p.add_argument("--gc-delay-s", type=float, default=30.0)
   p.set_defaults(run=run_cluster)
   for name, positional in (("ls", ["path"]), ("stat", ["path"]), ("mkdir", ["path"]), ("rm", ["path"]),
                            ("put", ["local", "remote"]), ("get", ["remote", "local"])):

@@ -5,7 +5,9 @@ Each chunk version is its own file, written to a temp name, fsynced and renamed 
 version, length, xxh3-64 checksum of the whole chunk) lives in a SQLite table beside the files;
 a read re-hashes the data and raises `ChunkCorrupted` on a mismatch, so the client can read
 another replica. A chunk with a pending (uncommitted) version answers reads with
-`PendingWrite` ("retry"), unless the read is relaxed, as 3FS does.
+`PendingWrite` ("retry"), unless the read is relaxed, as 3FS does. Inodes whose chunks were
+reclaimed are remembered (a tombstone per inode), so a late reader of a removed file is told so
+instead of reading zeros.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class ChunkStore:
     self._db.execute("PRAGMA synchronous=FULL")
     self._db.execute("CREATE TABLE IF NOT EXISTS chunks (id TEXT PRIMARY KEY, chain_version INTEGER, "
                      "committed INTEGER, update_ver INTEGER, length INTEGER, checksum INTEGER, pending_checksum INTEGER)")
+    self._db.execute("CREATE TABLE IF NOT EXISTS removed_inodes (inode INTEGER PRIMARY KEY)")
     self._drop_stale_pending()
 
   def _drop_stale_pending(self) -> None:
@@ -141,8 +144,9 @@ class ChunkStore:
     return data[offset:end]
 
   def prepare(self, chunk: ChunkId, offset: int, data: bytes, chain_version: int, *,
-              full_replace: bool = False) -> int:
-    """Stores a pending version: the committed chunk with `data` at `offset` (or `data` alone).
+              full_replace: bool = False, cut: int | None = None) -> int:
+    """Stores a pending version: the committed chunk with `data` at `offset` (or `data` alone;
+    or, with `cut`, the committed chunk's first `cut` bytes: a truncation).
 
     Returns the pending version, `committed + 1`. Raises `PendingWrite` if one is already pending
     (writes to a chunk are serialized at the chain head; see 3FS's per-chunk lock).
@@ -155,6 +159,8 @@ class ChunkStore:
         raise PendingWrite(f"chunk {chunk.name} already has pending version {row.update}")
       if full_replace:
         content = bytes(data)
+      elif cut is not None:
+        content = self._load(chunk, row.committed, row.checksum)[:cut]
       else:
         content = bytearray(self._load(chunk, row.committed, row.checksum))
         if len(content) < offset:
@@ -225,6 +231,29 @@ class ChunkStore:
       for version in {row.committed, row.update} - {0}:
         self._path(chunk, version).unlink(missing_ok=True)
       self._db.execute("DELETE FROM chunks WHERE id=?", (chunk.name,))
+
+  def length(self, chunk: ChunkId) -> int:
+    """Bytes in the committed version (0 for a chunk that does not exist)."""
+    with self._lock:
+      row = self._row(chunk)
+    return 0 if row is None else row.length
+
+  def chunks_of(self, inode: int) -> list[ChunkId]:
+    """Every chunk of `inode` held here, by index (one range scan of the ids)."""
+    prefix = f"{inode:016x}-"
+    with self._lock:
+      rows = self._db.execute("SELECT id FROM chunks WHERE id >= ? AND id < ? ORDER BY id",
+                              (prefix, f"{inode:016x}.")).fetchall()
+    return [ChunkId(inode, int(name[len(prefix):], 16)) for name, in rows]
+
+  def mark_removed(self, inode: int) -> None:
+    """Remembers that `inode`'s file was removed (its chunks are being reclaimed)."""
+    with self._lock:
+      self._db.execute("INSERT OR IGNORE INTO removed_inodes VALUES (?)", (inode,))
+
+  def is_removed(self, inode: int) -> bool:
+    with self._lock:
+      return self._db.execute("SELECT 1 FROM removed_inodes WHERE inode=?", (inode,)).fetchone() is not None
 
   def dump_meta(self) -> dict[str, ChunkMeta]:
     """Every chunk's `(chain_version, committed, update)`, keyed by chunk name: resync's dump-chunkmeta."""

@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import io
-import itertools
 import threading
 import time
 from typing import Any, NamedTuple
 
+from storage.cluster.chain_client import ChainClient
 from storage.cluster.routing import RoutingWatcher
 from storage.transport import RpcClient, StorageError, new_event_loop
 
-_RETRY_KINDS = {"stale_chain", "not_serving", "pending", "corrupted", "unavailable"}
 _ATTEMPTS = 200
 _BACKOFF_S = 0.02
 _WRITE_AHEAD_CHUNKS = 8
@@ -55,14 +54,12 @@ class Client:
     self._thread = threading.Thread(target=self._loop.run_forever, name="storage-client", daemon=True)
     self._thread.start()
     self.timeout_s = timeout_s
-    self._nodes: dict[str, RpcClient] = {}
-    self._turn = itertools.count()
-
     async def watch():  # created on the client's loop: routing changes are pushed to it
       watcher = RoutingWatcher(address)
       await watcher.refresh()
       return watcher.start()
     self._watcher = self._run(watch())
+    self._chains = ChainClient(self._watcher, timeout_s=timeout_s, attempts=_ATTEMPTS, backoff_s=_BACKOFF_S)
     deadline = time.monotonic() + timeout_s
     while not self.routing["meta"]:
       if time.monotonic() > deadline:
@@ -82,8 +79,8 @@ class Client:
   def close(self) -> None:
     async def shut():
       await self._watcher.close()
-      for client in [self._meta, *self._nodes.values()]:
-        await client.close()
+      await self._chains.close()
+      await self._meta.close()
     self._run(shut())
     self._loop.call_soon_threadsafe(self._loop.stop)
     self._thread.join(timeout=5)
@@ -130,8 +127,13 @@ class Client:
     self._meta_call("rename", src=src, dst=dst)
 
   def remove(self, path: str) -> None:
-    """Removes a file (its chunks are not reclaimed yet: see the storage issue's notes)."""
+    """Removes a file. Its chunks are reclaimed by the meta server after a grace period, and
+    after that a reader that still holds it open gets FileNotFoundError."""
     self._meta_call("unlink", path=path)
+
+  def truncate(self, path: str, length: int) -> FileStat:
+    """Sets a file's length: bytes past it are dropped from storage; growing reads as zeros."""
+    return _to_stat(self._meta_call("truncate", path=path, length=length))
 
   def rmdir(self, path: str) -> None:
     self._meta_call("rmdir", path=path)
@@ -170,61 +172,15 @@ class Client:
   async def _refresh(self) -> None:
     await self._watcher.refresh()
 
-  def _node(self, target: int) -> RpcClient:
-    address = next((n["address"] for n in self.routing["nodes"].values() if target in n["targets"]), None)
-    if address is None:
-      raise StorageError(f"no node hosts target {target}", "stale_chain")
-    if address not in self._nodes:
-      self._nodes[address] = RpcClient(address, timeout_s=self.timeout_s)
-    return self._nodes[address]
-
-  def _chain(self, chain_id: int) -> dict:
-    return next(c for c in self.routing["chains"] if c["chain_id"] == chain_id)
-
-  async def _retrying(self, attempt):
-    last: Exception | None = None
-    for n in range(_ATTEMPTS):
-      try:
-        return await attempt()
-      except StorageError as err:
-        if err.kind not in _RETRY_KINDS:
-          raise
-        last = err
-      except (ConnectionError, TimeoutError) as err:
-        last = err
-      await asyncio.sleep(_BACKOFF_S * min(n + 1, 10))
-      try:
-        await self._refresh()
-      except (ConnectionError, OSError, TimeoutError) as err:  # mgmtd briefly away: keep trying
-        last = err
-    raise StorageError(f"gave up after {_ATTEMPTS} attempts: {last}", "unavailable")
-
   async def _write_chunk(self, stat: FileStat, index: int, offset: int, data: bytes) -> None:
-    chain_id = stat.chains[index % len(stat.chains)]
-
-    async def attempt():
-      chain = self._chain(chain_id)
-      path = [t for t, public, _ in chain["targets"] if public in ("serving", "syncing")]
-      if not path:
-        raise StorageError(f"chain {chain_id} has no serving target", "not_serving")
-      await self._node(path[0]).call("write", chain_id=chain_id, chain_version=chain["version"], target=path[0],
-                                     chunk=[stat.inode, index], offset=offset, data=data)
-    await self._retrying(attempt)
+    await self._chains.call_head(stat.chains[index % len(stat.chains)], "write", chunk=[stat.inode, index],
+                                 offset=offset, data=data)
 
   async def _read_chunk(self, stat: FileStat, index: int, offset: int, length: int) -> bytes:
-    chain_id = stat.chains[index % len(stat.chains)]
-
-    async def attempt():
-      chain = self._chain(chain_id)
-      replicas = [t for t, public, _ in chain["targets"] if public == "serving"]
-      if not replicas:
-        raise StorageError(f"chain {chain_id} has no serving replica", "not_serving")
-      target = replicas[next(self._turn) % len(replicas)]  # spread reads; a retry moves to the next one
-      reply = await self._node(target).call("read", chain_id=chain_id, chain_version=chain["version"],
-                                            target=target, chunk=[stat.inode, index], offset=offset, length=length)
-      data = reply["data"]
-      return data + bytes(length - len(data))  # a hole or short chunk reads as zeros
-    return await self._retrying(attempt)
+    reply = await self._chains.call_replica(stat.chains[index % len(stat.chains)], "read", chunk=[stat.inode, index],
+                                            offset=offset, length=length)
+    data = reply["data"]
+    return data + bytes(length - len(data))  # a hole or short chunk reads as zeros
 
   async def _read(self, stat: FileStat, offset: int, length: int) -> bytes:
     pieces = []

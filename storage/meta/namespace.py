@@ -7,9 +7,12 @@ the KV store. Keys follow 3FS:
   DENT + parent id + name                                    -> {"id", "type"}: a directory is one key range
   INOS + inode id + session id                               -> an open writer session
   SING + "inode-counter"                                     -> the last inode id handed out
+  GCQU + inode id                                            -> a removed file whose chunks await reclaiming
 
 A file's layout names its chunk size, stripe and chains; chunk i lives on `chains[i % stripe]`.
-Lengths are exact after `close` (the writer reports its final length) or `truncate`.
+Lengths are exact after `close` (the writer reports its final length) or `truncate`. Removing
+a file (unlink, rename over it, or truncate-on-create) moves its inode to the GC queue; the meta
+server reclaims its chunks once its writers have closed (`garbage`, `forget_garbage`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import msgpack
 from storage.kv import KVEngine, Transaction, run_transaction
 
 ROOT_ID = 1
-_INODE, _DENTRY, _SESSION, _SINGLETON = b"INOD", b"DENT", b"INOS", b"SING"
+_INODE, _DENTRY, _SESSION, _SINGLETON, _GARBAGE = b"INOD", b"DENT", b"INOS", b"SING", b"GCQU"
 _COUNTER = _SINGLETON + b"inode-counter"
 MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 4096
@@ -119,6 +122,11 @@ class Namespace:
       self._put_inode(txn, ROOT_ID, {"dir": True, "mode": 0o755, "mtime": time.time(), "nlink": 2, "parent": ROOT_ID})
       txn.set(_COUNTER, _id(ROOT_ID))
 
+  def _retire(self, txn: Transaction, inode_id: int, value: dict[str, Any]) -> None:
+    """Removes a file's inode, queueing its chunks for reclaiming."""
+    txn.clear(_inode_key(inode_id))
+    txn.set(_GARBAGE + _id(inode_id), msgpack.packb({**value, "removed_at": time.time()}))
+
   def _new_inode_id(self, txn: Transaction) -> int:
     last = int.from_bytes(txn.get(_COUNTER) or _id(ROOT_ID), "little")
     txn.set(_COUNTER, _id(last + 1))
@@ -206,11 +214,12 @@ class Namespace:
         if entry["type"] == "dir":
           raise IsADirectoryError(f"is a directory: {path}")
         inode = self._get_inode(txn, entry["id"])
-        if not (truncate and inode["length"]):
+        if not truncate:
           return self._stat(entry["id"], inode)
-        # Truncating a written file gives it a fresh inode (and so fresh chunk ids): its old chunks
-        # can never show through holes the new content leaves. Open readers keep the old inode.
-        txn.clear(_inode_key(entry["id"]))
+        # Truncating gives the file a fresh inode (and so fresh chunk ids), even at length 0 (a
+        # writer that never closed leaves chunks but no length): old chunks can never show
+        # through holes the new content leaves. The old inode goes to the GC queue.
+        self._retire(txn, entry["id"], inode)
       inode_id = self._new_inode_id(txn)
       # 3FS: `stripe` consecutive chains from a round-robin start, shuffled with a per-file seed.
       start = inode_id % len(self.chains)
@@ -241,6 +250,9 @@ class Namespace:
       if txn.get(key) is None:
         raise ValueError(f"no open session {session} on inode {inode}")
       txn.clear(key)
+      removed = txn.get(_GARBAGE + _id(inode))
+      if removed is not None and txn.get(_inode_key(inode)) is None:  # removed while written: just let go
+        return self._stat(inode, msgpack.unpackb(removed))
       value = self._get_inode(txn, inode)
       if length is not None and length > value["length"]:
         value.update(length=length, mtime=time.time())
@@ -279,7 +291,7 @@ class Namespace:
         raise IsADirectoryError(f"is a directory (use rmdir): {path}")
       value = self._get_inode(txn, entry["id"])
       txn.clear(_dentry_key(parent, name))
-      txn.clear(_inode_key(entry["id"]))
+      self._retire(txn, entry["id"], value)
       return self._stat(entry["id"], value)
     return run_transaction(self.engine, body)
 
@@ -332,7 +344,10 @@ class Namespace:
             raise OSError(errno.ENOTEMPTY, f"directory not empty: {dst}")
         elif entry["type"] == "dir":
           raise NotADirectoryError(f"cannot replace file {dst} with a directory")
-        txn.clear(_inode_key(target["id"]))
+        if target["type"] == "dir":
+          txn.clear(_inode_key(target["id"]))
+        else:
+          self._retire(txn, target["id"], self._get_inode(txn, target["id"]))
       txn.clear(_dentry_key(src_parent, src_name))
       txn.set(_dentry_key(dst_parent, dst_name), msgpack.packb(entry))
       if entry["type"] == "dir":
@@ -340,6 +355,26 @@ class Namespace:
         value["parent"] = dst_parent
         self._put_inode(txn, entry["id"], value)
     run_transaction(self.engine, body)
+
+  # -- reclaiming removed files --
+  def garbage(self, *, older_than_s: float = 0.0, limit: int = 64) -> list[tuple[int, Layout]]:
+    """Removed files whose chunks may be reclaimed now: removed at least `older_than_s` ago
+    (a grace period for readers that opened them before) and with no writer session open."""
+    def body(txn):
+      ready = []
+      now = time.time()
+      for key, raw in txn.get_range(_GARBAGE, _GARBAGE + b"\xff" * 9, limit=4 * limit):
+        inode = int.from_bytes(key[len(_GARBAGE):], "little")
+        value = msgpack.unpackb(raw)
+        sessions = _SESSION + _id(inode)
+        if now - value["removed_at"] >= older_than_s and not txn.get_range(sessions, sessions + b"\xff" * 40, limit=1):
+          ready.append((inode, Layout(value["chunk_size"], tuple(value["chains"]))))
+      return ready[:limit]
+    return run_transaction(self.engine, body, read_only=True)
+
+  def forget_garbage(self, inode: int) -> None:
+    """Drops a reclaimed file from the GC queue."""
+    run_transaction(self.engine, lambda txn: txn.clear(_GARBAGE + _id(inode)))
 
   def exists(self, path: str) -> bool:
     try:

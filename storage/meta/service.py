@@ -3,13 +3,20 @@
 It learns the chain table from mgmtd's routing push (files are striped over its chains) and
 registers itself there for discovery. The KV store is shared by all meta servers (SQLite on one host, etcd
 across hosts), so a restarted or replaced server loses nothing committed.
+
+Meta is off the data path except where the namespace changes what storage must hold: a
+truncation first cuts the file's chunks on every chain (so bytes past the new length can never
+reappear when the file grows again), and a background collector reclaims the chunks of removed
+files once their writers have closed and a grace period for open readers has passed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
+from storage.cluster.chain_client import ChainClient
 from storage.cluster.routing import RoutingWatcher
 from storage.kv import KVEngine
 from storage.meta.namespace import Namespace, Stat
@@ -24,17 +31,31 @@ def stat_dict(stat: Stat) -> dict[str, Any]:
 
 
 class MetaServer:
-  """Serves `Namespace` operations over the transport; `await server.start()`."""
+  """Serves `Namespace` operations over the transport; `await server.start()`.
+
+  Args:
+    engine: the KV store shared by all meta servers.
+    mgmtd_address: HOST:PORT of mgmtd.
+    chunk_size, stripe: the layout of new files.
+    gc_delay_s: how long a removed file's chunks stay readable (for readers that opened it
+      before); after that, readers get FileNotFoundError.
+    gc_interval_s: how often the collector looks for removed files.
+  """
 
   def __init__(self, engine: KVEngine, mgmtd_address: str, *, host: str = "127.0.0.1", port: int = 0,
-               chunk_size: int = 1 << 20, stripe: int = 16):
+               chunk_size: int = 1 << 20, stripe: int = 16, gc_delay_s: float = 30.0, gc_interval_s: float = 1.0):
+    if gc_delay_s < 0 or gc_interval_s <= 0:
+      raise ValueError(f"gc_delay_s must be >= 0 and gc_interval_s > 0, got {gc_delay_s} and {gc_interval_s}")
     self.engine = engine
     self.mgmtd = RpcClient(mgmtd_address, timeout_s=5.0)
     self.watcher = RoutingWatcher(mgmtd_address, on_change=self._adopt)
+    self.chains = ChainClient(self.watcher, timeout_s=10.0)
     self.chunk_size, self.stripe = chunk_size, stripe
+    self.gc_delay_s, self.gc_interval_s = gc_delay_s, gc_interval_s
     self.namespace: Namespace | None = None
     self.server = RpcServer(self._handlers(), host, port)
-    self._task: asyncio.Task | None = None
+    self._tasks: list[asyncio.Task] = []
+    self.reclaimed = 0  # files whose chunks this server reclaimed
 
   @property
   def address(self) -> str:
@@ -44,13 +65,14 @@ class MetaServer:
     await self.server.start()
     await self._refresh()
     self.watcher.start()
-    self._task = asyncio.create_task(self._heartbeat())
+    self._tasks = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._collect_garbage())]
     return self
 
   async def stop(self) -> None:
-    if self._task:
-      self._task.cancel()
-      await asyncio.gather(self._task, return_exceptions=True)
+    for task in self._tasks:
+      task.cancel()
+    await asyncio.gather(*self._tasks, return_exceptions=True)
+    await self.chains.close()
     await self.watcher.close()
     await self.server.stop()
     await self.mgmtd.close()
@@ -74,6 +96,31 @@ class MetaServer:
         await self._refresh()
       except (OSError, TimeoutError, ConnectionError):
         pass
+
+  async def trim(self, inode: int, layout, length: int, *, remove: bool = False) -> None:
+    """Cuts a file's chunks to `length` bytes on every chain of its stripe, in parallel."""
+    await asyncio.gather(*(self.chains.call_head(chain, "trim", inode=inode, length=length,
+                                                 chunk_size=layout.chunk_size, remove=remove)
+                           for chain in layout.chains))
+
+  async def collect_garbage_once(self) -> int:
+    """Reclaims the chunks of removed files that are ready; returns how many files."""
+    if self.namespace is None:
+      return 0
+    ready = await asyncio.to_thread(self.namespace.garbage, older_than_s=self.gc_delay_s)
+    for inode, layout in ready:
+      await self.trim(inode, layout, 0, remove=True)
+      await asyncio.to_thread(self.namespace.forget_garbage, inode)
+      self.reclaimed += 1
+    return len(ready)
+
+  async def _collect_garbage(self) -> None:
+    while True:
+      await asyncio.sleep(self.gc_interval_s)
+      try:
+        await self.collect_garbage_once()
+      except Exception:  # chains down, KV busy: the queue keeps the work for the next round
+        logging.exception("reclaiming removed files failed; will retry")
 
   def _ns(self) -> Namespace:
     if self.namespace is None:
@@ -106,6 +153,13 @@ class MetaServer:
       await call("rmdir", path)
 
     async def truncate(path: str, length: int):
+      if not isinstance(length, int) or length < 0:
+        raise ValueError(f"length must be a non-negative int, got {length!r}")
+      before = await call("stat", path)
+      if before.is_dir:
+        raise IsADirectoryError(f"is a directory: {path}")
+      # Storage first: once the length is committed, bytes past it must already be gone.
+      await self.trim(before.inode, before.layout, min(before.size, length))
       return stat_dict(await call("truncate", path, length))
 
     async def open_session(inode: int):

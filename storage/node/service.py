@@ -179,7 +179,7 @@ class StorageNode:
 
   # -- RPC handlers --
   def _handlers(self):
-    return {"write": self.write, "replicate": self.replicate, "read": self.read,
+    return {"write": self.write, "replicate": self.replicate, "read": self.read, "trim": self.trim,
             "dump_chunkmeta": self.dump_chunkmeta, "sync_replace": self.sync_replace,
             "sync_remove": self.sync_remove, "sync_done": self.sync_done}
 
@@ -192,6 +192,8 @@ class StorageNode:
       raise StaleChain(f"target {target} is not the head of chain {chain_id}")
     chunk_id = ChunkId(*chunk)
     store = self.stores[target]
+    if store.is_removed(chunk_id.inode):
+      raise FileNotFoundError(f"inode {chunk_id.inode} was removed; its chunks are reclaimed")
 
     async def locked():
       async with self._lock(target, chunk_id):
@@ -236,15 +238,27 @@ class StorageNode:
     return {"version": version}
 
   async def _forward_until_acked(self, chain_id: int, target: int, chunk: ChunkId, version: int) -> None:
-    """Forwards to the current successor; if it fails or the chain changed, waits for new routing
-    and resends to whoever the successor is then (3FS: "A keeps forwarding the request to C")."""
+    """Forwards the pending chunk version to the successor (see `_send_down_chain`)."""
+    data = self.stores[target].read(chunk, relaxed=True)
+    await self._send_down_chain(chain_id, target, "replicate", chunk=list(chunk), data=data, version=version)
+
+  async def _send_down_chain(self, chain_id: int, target: int, method: str, **args) -> None:
+    """Calls `method` on the current successor of `target` (nothing at the tail); if it fails or
+    the chain changed, waits for new routing and resends to whoever the successor is then
+    (3FS: "A keeps forwarding the request to C")."""
     deadline = asyncio.get_running_loop().time() + 3 * self.lease.lease_s
     while True:
       chain = self._chain(chain_id)
-      if target not in self.write_path(chain):
+      path = self.write_path(chain)
+      if target not in path:
         raise NotServing(f"target {target} left the write path of chain {chain_id}")
+      if path.index(target) + 1 == len(path):
+        return  # the tail: commit at once
+      successor = path[path.index(target) + 1]
       try:
-        return await self._forward(chain, target, chunk, version)
+        await self._peer(self._node_of(successor)).call(method, chain_id=chain_id, chain_version=chain["version"],
+                                                        target=successor, **args)
+        return
       except (ConnectionError, OSError, TimeoutError, StorageError) as err:
         retryable = not isinstance(err, StorageError) or err.kind in ("stale_chain", "not_serving")
         if not retryable or asyncio.get_running_loop().time() > deadline:
@@ -252,15 +266,47 @@ class StorageNode:
       await asyncio.sleep(0.05)
       await self.refresh_routing()
 
-  async def _forward(self, chain: dict, target: int, chunk: ChunkId, version: int) -> None:
+  async def trim(self, chain_id: int, chain_version: int, target: int, inode: int, length: int, chunk_size: int,
+                 remove: bool = False) -> dict:
+    """Cuts a file's chunks on this chain to its first `length` bytes (a file of `chunk_size`
+    chunks), on every replica: the head cuts the boundary chunk as a CRAQ write; each replica
+    drops the chunks wholly past `length` and passes the request on. `remove` (with length 0)
+    also leaves a tombstone, so late readers of the removed file get FileNotFoundError.
+    Returns how many chunks this replica dropped."""
+    for name, value in (("inode", inode), ("length", length), ("chunk_size", chunk_size)):
+      if not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    if chunk_size == 0 or chunk_size > MAX_CHUNK_BYTES:
+      raise ValueError(f"chunk_size must be in [1, {MAX_CHUNK_BYTES}], got {chunk_size}")
+    if remove and length:
+      raise ValueError(f"remove=True reclaims a whole file: length must be 0, got {length}")
+    chain = await self._check(chain_id, chain_version, target)
     path = self.write_path(chain)
-    successor = path[path.index(target) + 1] if path.index(target) + 1 < len(path) else None
-    if successor is None:
-      return  # the tail: commit at once
-    data = self.stores[target].read(chunk, relaxed=True)
-    await self._peer(self._node_of(successor)).call(
-        "replicate", chain_id=chain["chain_id"], chain_version=chain["version"], target=successor,
-        chunk=list(chunk), data=data, version=version)
+    if target not in path:
+      raise NotServing(f"target {target} is not in the write path of chain {chain_id}")
+    store = self.stores[target]
+
+    async def run():
+      if remove:
+        store.mark_removed(inode)
+      boundary, keep = divmod(length, chunk_size)
+      if keep and path[0] == target:  # the head cuts the partial chunk; the write carries it down
+        chunk = ChunkId(inode, boundary)
+        async with self._lock(target, chunk):
+          if store.length(chunk) > keep:
+            version = store.prepare(chunk, 0, b"", chain_version, cut=keep)
+            await self._pass_on_and_commit(chain_id, chain_version, target, chunk, version)
+      first_gone = boundary + (1 if keep else 0)
+      dropped = 0
+      for chunk in store.chunks_of(inode):
+        if chunk.index >= first_gone:
+          async with self._lock(target, chunk):
+            store.remove(chunk)
+          dropped += 1
+      await self._send_down_chain(chain_id, target, "trim", inode=inode, length=length, chunk_size=chunk_size,
+                                  remove=remove)
+      return {"dropped": dropped}
+    return await asyncio.shield(asyncio.ensure_future(run()))  # see `write`
 
   async def read(self, chain_id: int, chain_version: int, target: int, chunk: list, offset: int = 0,
                  length: int | None = None) -> dict:
@@ -268,9 +314,12 @@ class StorageNode:
     chain = await self._check(chain_id, chain_version, target)
     if not any(t == target and public == "serving" for t, public, _ in chain["targets"]):
       raise NotServing(f"target {target} is not serving reads in chain {chain_id}")
+    chunk_id = ChunkId(*chunk)
     try:
-      data = self.stores[target].read(ChunkId(*chunk), offset, length)
+      data = self.stores[target].read(chunk_id, offset, length)
     except ChunkNotFound:
+      if self.stores[target].is_removed(chunk_id.inode):
+        raise FileNotFoundError(f"inode {chunk_id.inode} was removed; its chunks are reclaimed") from None
       data = b""  # never written: a hole
     except PendingWrite as err:
       raise StorageError(str(err), "pending") from None

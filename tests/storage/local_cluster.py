@@ -14,9 +14,9 @@ from storage.transport import RpcServer, new_event_loop
 
 class LocalCluster:
   def __init__(self, root, *, nodes: int = 3, replicas: int = 3, targets: int = 1, lease_s: float = 2.0,
-               chunk_size: int = 64 << 10, stripe: int = 4):
+               chunk_size: int = 64 << 10, stripe: int = 4, gc_delay_s: float = 30.0):
     self.root, self.num_nodes, self.replicas, self.targets = root, nodes, replicas, targets
-    self.lease_s, self.chunk_size, self.stripe = lease_s, chunk_size, stripe
+    self.lease_s, self.chunk_size, self.stripe, self.gc_delay_s = lease_s, chunk_size, stripe, gc_delay_s
     self.loop = new_event_loop()
     self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
@@ -37,7 +37,8 @@ class LocalCluster:
                   for i in range(self.num_nodes)]
     await self.mgmtd.create_chain_table(self.replicas)
     self.kv = SqliteKV(self.root / "meta.db")
-    self.meta = await MetaServer(self.kv, self.address, chunk_size=self.chunk_size, stripe=self.stripe).start()
+    self.meta = await MetaServer(self.kv, self.address, chunk_size=self.chunk_size, stripe=self.stripe,
+                                 gc_delay_s=self.gc_delay_s, gc_interval_s=0.1).start()
 
   def __exit__(self, *exc) -> None:
     self.run(self._stop())

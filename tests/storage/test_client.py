@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 
 import storage
+from storage.chunks import ChunkId
 from tests.storage.local_cluster import LocalCluster
 
 
@@ -172,3 +174,68 @@ def test_a_reader_during_a_write_sees_only_committed_bytes(cluster):
     for data in seen:
       assert data in (b"x" * 65_536, b"", b"y" * 655_360)
     assert client.pread("/growing", 0, 1 << 20) == b"y" * 655_360
+
+
+def _chunks_everywhere(cluster, inode):
+  """How many chunks of `inode` each storage target holds."""
+  return [len(store.chunks_of(inode)) for node in cluster.nodes for store in node.stores.values()]
+
+
+def _until(predicate, timeout_s=20.0):
+  deadline = time.monotonic() + timeout_s
+  while not predicate():
+    assert time.monotonic() < deadline, "timed out"
+    time.sleep(0.05)
+
+
+def test_removed_and_replaced_files_are_reclaimed_on_every_replica(tmp_path):
+  with LocalCluster(tmp_path, gc_delay_s=0.0) as cluster, storage.connect(cluster.address) as client:
+    with client.open("/a", "wb") as f:
+      f.write(os.urandom(200_000))  # 4 chunks
+    inode = client.stat("/a").inode
+    assert _chunks_everywhere(cluster, inode) == [4, 4, 4]
+    reader = client.open("/a", "rb")
+    client.remove("/a")
+    _until(lambda: _chunks_everywhere(cluster, inode) == [0, 0, 0])
+    with pytest.raises(FileNotFoundError, match="removed"):  # a late reader is told, never given zeros
+      reader.read()
+    for replace in (lambda: client.rename("/b2", "/b"), lambda: client.open("/b", "wb").close()):
+      with client.open("/b", "wb") as f:
+        f.write(b"x" * 70_000)
+      with client.open("/b2", "wb") as f:
+        f.write(b"y")
+      old = client.stat("/b").inode
+      replace()
+      _until(lambda: _chunks_everywhere(cluster, old) == [0, 0, 0])
+    assert cluster.meta.reclaimed == 4  # /a, and three generations of /b (each "wb" retires the last)
+
+
+def test_a_file_removed_while_written_is_reclaimed_when_its_writer_closes(tmp_path):
+  with LocalCluster(tmp_path, gc_delay_s=0.0) as cluster, storage.connect(cluster.address) as client:
+    f = client.open("/w", "wb")
+    f.write(b"z" * 100_000)
+    f.flush()
+    inode = client.stat("/w").inode
+    client.remove("/w")
+    time.sleep(0.5)  # several collector rounds
+    assert _chunks_everywhere(cluster, inode) == [2, 2, 2]  # an open writer holds them
+    f.close()  # closing a removed file is not an error
+    _until(lambda: _chunks_everywhere(cluster, inode) == [0, 0, 0])
+
+
+def test_truncate_cuts_the_chunks_so_growing_again_reads_zeros(cluster):
+  with storage.connect(cluster.address) as client:
+    with client.open("/t", "wb") as f:
+      f.write(b"\xaa" * 200_000)  # chunks 0..3 of 64 KiB
+    stat = client.truncate("/t", 100_000)
+    assert stat.size == 100_000
+    lengths = [store.length(ChunkId(stat.inode, 1)) for node in cluster.nodes for store in node.stores.values()]
+    assert lengths == [100_000 - 65_536] * 3  # the boundary chunk cut on every replica
+    assert _chunks_everywhere(cluster, stat.inode) == [2, 2, 2]
+    assert client.truncate("/t", 200_000).size == 200_000
+    assert client.pread("/t", 0, 200_000) == b"\xaa" * 100_000 + bytes(100_000)
+    with pytest.raises(ValueError, match="length"):
+      client.truncate("/t", -1)
+    client.mkdir("/d")
+    with pytest.raises(IsADirectoryError):
+      client.truncate("/d", 0)

@@ -130,3 +130,25 @@ def test_meta_restart_loses_nothing_committed(tmp_path):
   again = Namespace(SqliteKV(tmp_path / "meta.db"), chains=[1, 2, 3])
   assert again.stat("/x/y/z").size == 123 and again.listdir("/x") == ["y"]
   assert again.create("/x/new").inode > inode
+
+
+def test_removed_files_wait_in_the_gc_queue_for_writers_and_the_grace_period(ns):
+  kept = ns.create("/kept")
+  writing = ns.create("/writing")
+  session = ns.open_session(writing.inode)
+  ns.create("/gone")
+  gone = ns.unlink("/gone")
+  ns.unlink("/writing")
+  ns.create("/replaced")
+  old = ns.stat("/replaced")
+  ns.create("/replaced")  # truncate-on-create retires the old inode
+  ready = dict(ns.garbage())
+  assert set(ready) == {gone.inode, old.inode}  # not /writing: its writer is still open
+  assert ready[gone.inode] == gone.layout
+  assert ns.garbage(older_than_s=3600) == []  # within the grace period
+  closed = ns.close_session(writing.inode, session, 10)  # a removed file's writer closes cleanly
+  assert closed.inode == writing.inode
+  assert writing.inode in dict(ns.garbage())
+  for inode in dict(ns.garbage()):
+    ns.forget_garbage(inode)
+  assert ns.garbage() == [] and ns.stat("/kept") == kept
