@@ -238,8 +238,9 @@ class RpcClient:
     try:
       reply = await asyncio.wait_for(future, self.timeout_s)
     except asyncio.TimeoutError:
-      self._pending.pop(request_id, None)
       raise TimeoutError(f"{method} to {self.host}:{self.port} timed out after {self.timeout_s} s") from None
+    finally:
+      self._pending.pop(request_id, None)  # timed out or cancelled: a late reply is dropped
     if not reply.get("ok"):
       raise_error(reply.get("error", {}))
     return reply.get("result")

@@ -3,7 +3,9 @@
 A chain's updates go to the head of its write path (serving targets, then syncing ones); reads
 go to any serving replica, in turn. A stale chain version, a replica that stopped serving, a
 write in flight ("pending"), a corrupted replica or a lost connection refreshes the routing and
-retries, a bounded number of times; any other error is the answer.
+retries, a bounded number of times; any other error is the answer. A request still waiting when
+mgmtd pushes a new version of its chain is abandoned and re-routed, so a frozen or partitioned
+replica (which accepts connections but never answers) costs a lease, not a whole timeout.
 """
 
 from __future__ import annotations
@@ -67,6 +69,23 @@ class ChainClient:
         last = err
     raise StorageError(f"gave up after {self.attempts} attempts: {last}", "unavailable")
 
+  async def _call(self, chain: dict, target: int, method: str, **args) -> Any:
+    """One request to `target`, abandoned (as a retryable "stale_chain") if the chain moves first."""
+    request = asyncio.ensure_future(self.node(target).call(method, chain_id=chain["chain_id"],
+                                                           chain_version=chain["version"], target=target, **args))
+    moved = asyncio.ensure_future(self.watcher.until_chain_moves(chain["chain_id"], chain["version"]))
+    try:
+      await asyncio.wait({request, moved}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+      moved.cancel()
+      abandoned = not request.done()
+      if abandoned:
+        request.cancel()
+    if abandoned:
+      raise StorageError(f"chain {chain['chain_id']} moved past version {chain['version']} while target {target} "
+                         f"had not answered", "stale_chain")
+    return request.result()
+
   async def call_head(self, chain_id: int, method: str, **args) -> Any:
     """`method` at the head of the chain's write path (writes, trims)."""
     async def attempt():
@@ -74,8 +93,7 @@ class ChainClient:
       path = [t for t, public, _ in chain["targets"] if public in ("serving", "syncing")]
       if not path:
         raise StorageError(f"chain {chain_id} has no serving target", "not_serving")
-      return await self.node(path[0]).call(method, chain_id=chain_id, chain_version=chain["version"],
-                                           target=path[0], **args)
+      return await self._call(chain, path[0], method, **args)
     return await self.retrying(attempt)
 
   async def call_replica(self, chain_id: int, method: str, **args) -> Any:
@@ -86,8 +104,7 @@ class ChainClient:
       if not replicas:
         raise StorageError(f"chain {chain_id} has no serving replica", "not_serving")
       target = replicas[next(self._turn) % len(replicas)]
-      return await self.node(target).call(method, chain_id=chain_id, chain_version=chain["version"], target=target,
-                                          **args)
+      return await self._call(chain, target, method, **args)
     return await self.retrying(attempt)
 
   async def close(self) -> None:

@@ -35,6 +35,7 @@ class RoutingWatcher:
     self._poll = RpcClient(address, timeout_s=wait_s + 5.0)
     self._calls = RpcClient(address, timeout_s=5.0)
     self._task: asyncio.Task | None = None
+    self._changed = asyncio.Event()
     self.pushes = 0  # routings received through the long poll (for tests and monitoring)
 
   async def refresh(self) -> dict:
@@ -45,7 +46,19 @@ class RoutingWatcher:
   def _store(self, routing: dict) -> bool:
     newer = routing["version"] != self.routing["version"] or routing != self.routing
     self.routing = routing
+    if newer:
+      self._changed.set()
+      self._changed = asyncio.Event()
     return newer
+
+  async def until_chain_moves(self, chain_id: int, version: int) -> None:
+    """Returns once the routing shows `chain_id` at a version other than `version` (or gone):
+    callers race a request against it, to give up on a replica the chain has left."""
+    while True:
+      chain = next((c for c in self.routing["chains"] if c["chain_id"] == chain_id), None)
+      if chain is None or chain["version"] != version:
+        return
+      await self._changed.wait()
 
   def start(self) -> "RoutingWatcher":
     if self._task is None:

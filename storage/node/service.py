@@ -53,6 +53,7 @@ class StorageNode:
     self._locks: dict[tuple[int, str], asyncio.Lock] = {}
     self._peers: dict[str, RpcClient] = {}
     self._syncing: set[int] = set()
+    self.repairs = 0  # corrupted chunks replaced from another replica
     self._tasks: list[asyncio.Task] = []
     self.lease: LeaseKeeper | None = None
 
@@ -180,8 +181,8 @@ class StorageNode:
   # -- RPC handlers --
   def _handlers(self):
     return {"write": self.write, "replicate": self.replicate, "read": self.read, "trim": self.trim,
-            "dump_chunkmeta": self.dump_chunkmeta, "sync_replace": self.sync_replace,
-            "sync_remove": self.sync_remove, "sync_done": self.sync_done}
+            "fetch_chunk": self.fetch_chunk, "dump_chunkmeta": self.dump_chunkmeta,
+            "sync_replace": self.sync_replace, "sync_remove": self.sync_remove, "sync_done": self.sync_done}
 
   async def write(self, chain_id: int, chain_version: int, target: int, chunk: list, offset: int,
                   data: bytes) -> dict:
@@ -197,7 +198,11 @@ class StorageNode:
 
     async def locked():
       async with self._lock(target, chunk_id):
-        version = store.prepare(chunk_id, offset, data, chain_version)
+        try:
+          version = store.prepare(chunk_id, offset, data, chain_version)
+        except ChunkCorrupted:  # the head needs the old bytes for a partial write: fetch a good copy
+          await self._repair(chain_id, target, chunk_id)
+          version = store.prepare(chunk_id, offset, data, chain_version)
         return await self._pass_on_and_commit(chain_id, chain_version, target, chunk_id, version)
     # Once forwarded, a write must finish (commit, or abort on a real failure) even if the caller
     # hangs up: cancelling it half-way would leave the replicas with different bytes.
@@ -324,26 +329,93 @@ class StorageNode:
     except PendingWrite as err:
       raise StorageError(str(err), "pending") from None
     except ChunkCorrupted as err:
+      self._tasks.append(asyncio.create_task(self._repair_locked(chain_id, target, chunk_id)))
       raise StorageError(str(err), "corrupted") from None
     return {"data": data}
 
+  # -- repair of a corrupted replica --
+  async def fetch_chunk(self, chain_id: int, chain_version: int, target: int, chunk: list) -> dict:
+    """The committed chunk and its versions, for a replica repairing a corrupted copy."""
+    await self._check(chain_id, chain_version, target)
+    chunk_id = ChunkId(*chunk)
+    store = self.stores[target]
+    meta = store.meta(chunk_id)
+    if meta is None:
+      raise FileNotFoundError(f"chunk {chunk_id.name} is not on target {target}")
+    try:
+      data = store.read(chunk_id)
+    except PendingWrite as err:
+      raise StorageError(str(err), "pending") from None
+    except ChunkCorrupted as err:
+      raise StorageError(str(err), "corrupted") from None
+    return {"data": data, "version": meta.committed, "chain_version": meta.chain_version}
+
+  async def _repair_locked(self, chain_id: int, target: int, chunk: ChunkId) -> None:
+    try:
+      async with self._lock(target, chunk):
+        try:
+          self.stores[target].read(chunk)
+          return  # repaired (or rewritten) meanwhile
+        except ChunkCorrupted:
+          pass
+        except (ChunkNotFound, PendingWrite):
+          return
+        await self._repair(chain_id, target, chunk)
+    except Exception as err:  # the next read or write tries again
+      logging.warning("repair of chunk %s on target %s failed: %s", chunk.name, target, err)
+
+  async def _repair(self, chain_id: int, target: int, chunk: ChunkId) -> None:
+    """Replaces this replica's corrupted committed chunk with a good copy from another replica
+    of the chain (caller holds the chunk lock). Raises ChunkCorrupted if no replica has one."""
+    chain = self._chain(chain_id)
+    mine = self.stores[target].meta(chunk)
+    for other, public, _ in chain["targets"]:
+      if other == target or public not in ("serving", "syncing"):
+        continue
+      try:
+        reply = await self._peer(self._node_of(other)).call("fetch_chunk", chain_id=chain_id,
+                                                           chain_version=chain["version"], target=other,
+                                                           chunk=list(chunk))
+      except (ConnectionError, OSError, TimeoutError, StorageError):
+        continue
+      if mine is not None and reply["version"] < mine.committed:
+        continue  # an older copy than the one we lost: not a repair
+      self.stores[target].replace(chunk, reply["data"], reply["version"], reply["chain_version"])
+      self.repairs += 1
+      logging.warning("chunk %s on target %s failed its checksum; repaired from target %s", chunk.name, target, other)
+      return
+    raise ChunkCorrupted(f"chunk {chunk.name} is corrupted on target {target} and no other replica has a good copy")
+
   # -- resync (this node as the returning replica) --
-  async def dump_chunkmeta(self, target: int) -> dict:
+  async def _check_syncing(self, chain_id: int, chain_version: int, target: int) -> None:
+    """Resync writes are accepted only for a target its chain lists as syncing, at the sender's version."""
+    chain = await self._check(chain_id, chain_version, target)
+    if not any(t == target and public == "syncing" for t, public, _ in chain["targets"]):
+      raise NotServing(f"target {target} is not syncing in chain {chain_id} (version {chain['version']})")
+
+  async def dump_chunkmeta(self, chain_id: int, chain_version: int, target: int) -> dict:
+    await self._check_syncing(chain_id, chain_version, target)
     return {name: list(meta) for name, meta in self.stores[target].dump_meta().items()}
 
-  async def sync_replace(self, target: int, chunk: list, data: bytes, version: int, chain_version: int) -> None:
+  async def sync_replace(self, chain_id: int, chain_version: int, target: int, chunk: list, data: bytes,
+                         version: int, chunk_chain_version: int) -> None:
+    await self._check_syncing(chain_id, chain_version, target)
     chunk_id = ChunkId(*chunk)
     async with self._lock(target, chunk_id):
       mine = self.stores[target].meta(chunk_id)
-      if mine is not None and (mine.chain_version, mine.committed) > (chain_version, version):
+      if mine is not None and (mine.chain_version, mine.committed) > (chunk_chain_version, version):
         return  # a newer write already reached this replica: never roll it back
-      self.stores[target].replace(chunk_id, data, version, chain_version)
+      self.stores[target].replace(chunk_id, data, version, chunk_chain_version)
 
-  async def sync_remove(self, target: int, chunks: list) -> None:
+  async def sync_remove(self, chain_id: int, chain_version: int, target: int, chunks: list) -> None:
+    await self._check_syncing(chain_id, chain_version, target)
     for chunk in chunks:
-      self.stores[target].remove(ChunkId(*chunk))
+      chunk_id = ChunkId(*chunk)
+      async with self._lock(target, chunk_id):
+        self.stores[target].remove(chunk_id)
 
-  async def sync_done(self, target: int) -> None:
+  async def sync_done(self, chain_id: int, chain_version: int, target: int) -> None:
+    await self._check_syncing(chain_id, chain_version, target)
     self.local[target] = LocalState.UP_TO_DATE
     await self.lease.beat()
 
@@ -354,28 +426,53 @@ class StorageNode:
       for (mine, public, _), (succ, succ_public, _) in zip(targets, targets[1:]):
         if mine in self.stores and public == "serving" and succ_public == "syncing" and succ not in self._syncing:
           self._syncing.add(succ)
-          self._tasks.append(asyncio.create_task(self._resync(chain, mine, succ)))
+          self._tasks.append(asyncio.create_task(self._resync(chain["chain_id"], mine, succ)))
 
-  async def _resync(self, chain: dict, mine: int, successor: int) -> None:
+  def _still_syncing(self, chain_id: int, mine: int, successor: int) -> dict:
+    """The chain, if this node may still sync `successor` from `mine`; else raises (the resync stops)."""
+    if not self.lease.serving:
+      raise NotServing(f"node {self.node_id} lost its lease: resync of target {successor} stops")
+    chain = self._chain(chain_id)
+    states = {t: public for t, public, _ in chain["targets"]}
+    if states.get(mine) != "serving" or states.get(successor) != "syncing":
+      raise NotServing(f"chain {chain_id} changed (version {chain['version']}): resync of target {successor} stops")
+    return chain
+
+  async def _resync(self, chain_id: int, mine: int, successor: int) -> None:
+    """Full-chunk transfers to a returning replica (3FS "Data recovery"): every call carries the
+    chain version, and the walk stops as soon as this node loses its lease or the chain moves on
+    (a later routing push starts it again, if still needed)."""
     peer = self._peer(self._node_of(successor))
+    store = self.stores[mine]
+
+    async def call(method, **args):
+      chain = self._still_syncing(chain_id, mine, successor)
+      return await peer.call(method, chain_id=chain_id, chain_version=chain["version"], target=successor, **args)
+
     try:
-      remote = {name: ChunkMeta(*meta) for name, meta in (await peer.call("dump_chunkmeta", target=successor)).items()}
-      store = self.stores[mine]
+      remote = {name: ChunkMeta(*meta) for name, meta in (await call("dump_chunkmeta")).items()}
       plan = plan_sync(store.dump_meta(), remote)
       for name in sorted(plan.transfer):
-        chunk = ChunkId(int(name[:16], 16), int(name[17:], 16))
+        chunk = _chunk_of(name)
         async with self._lock(mine, chunk):
           meta = store.meta(chunk)
           if meta is None:
-            continue
+            continue  # removed meanwhile: the removal reached the successor through the chain
           data = store.read(chunk)
-          await peer.call("sync_replace", target=successor, chunk=list(chunk), data=data, version=meta.committed,
-                          chain_version=meta.chain_version)
-      removals = [[int(n[:16], 16), int(n[17:], 16)] for n in sorted(plan.remove)]
-      if removals:
-        await peer.call("sync_remove", target=successor, chunks=removals)
-      await peer.call("sync_done", target=successor)
-    except Exception:  # retried on a later routing refresh
-      logging.exception("resync of target %s from %s failed", successor, mine)
+          await call("sync_replace", chunk=list(chunk), data=data, version=meta.committed,
+                     chunk_chain_version=meta.chain_version)
+      for name in sorted(plan.remove):
+        chunk = _chunk_of(name)
+        async with self._lock(mine, chunk):  # re-check: a write since the dump created it here too
+          if store.meta(chunk) is None:
+            await call("sync_remove", chunks=[list(chunk)])
+      await call("sync_done")
+    except Exception:  # retried on a later routing push
+      logging.exception("resync of target %s from %s stopped", successor, mine)
     finally:
       self._syncing.discard(successor)
+
+
+def _chunk_of(name: str) -> ChunkId:
+  """A chunk's id from its `ChunkId.name`."""
+  return ChunkId(int(name[:16], 16), int(name[17:], 16))

@@ -1,4 +1,4 @@
-"""Faults with real processes on 127.0.0.1: kill -9 a node mid-write, lose mgmtd, corrupt a chunk,
+"""Faults with real processes on 127.0.0.1: kill -9 or freeze (SIGSTOP) each chain position mid-write, lose mgmtd, corrupt a chunk,
 restart meta, and hostile requests. Every wait is bounded."""
 
 from __future__ import annotations
@@ -86,7 +86,11 @@ def _chain(mgmtd):
   return _call(mgmtd, "get_routing")["chains"][0]
 
 
-def test_kill_9_a_node_while_writing_then_rejoin(cluster, tmp_path):
+@pytest.mark.parametrize("victim, fault", [("node0", "kill"), ("node1", "kill"), ("node2", "kill"),
+                                           ("node0", "pause"), ("node2", "pause")])
+def test_a_node_fails_while_writing_then_rejoins(cluster, tmp_path, victim, fault):
+  """kill -9 the head, middle or tail of the chain mid-write (restarted later); or freeze the
+  head or tail for longer than a lease and let it go on (a partition that heals, no restart)."""
   ps, mgmtd, nodes, meta = cluster
   acknowledged, stop, errors = {}, threading.Event(), []
   with storage.connect(mgmtd) as client:
@@ -107,18 +111,29 @@ def test_kill_9_a_node_while_writing_then_rejoin(cluster, tmp_path):
     thread.start()
     _wait(lambda: len(acknowledged) >= 5, what="first writes")
     version = _chain(mgmtd)["version"]
-    ps.kill("node1")
-    _wait(lambda: len(acknowledged) >= 40 or errors, timeout_s=60, what="writes after the crash")
+    victim_target = _chain(mgmtd)["targets"][int(victim[-1])][0]
+    if fault == "kill":
+      ps.kill(victim)
+    else:
+      ps.procs[victim].send_signal(signal.SIGSTOP)
+    _wait(lambda: len(acknowledged) >= 40 or errors, timeout_s=60, what="writes after the fault")
+    chain = _chain(mgmtd)
+    assert chain["version"] > version and chain["targets"][-1][0] == victim_target
+    assert chain["targets"][-1][1] in ("offline", "lastsrv")
+    if fault == "kill":
+      stop.set()
+      thread.join(timeout=60)
+    for i, payload in list(acknowledged.items()):
+      with client.open(f"/w{i}", "rb") as f:
+        assert f.read() == payload
+    if fault == "kill":
+      ps.start(victim, ["node", "--mgmtd", mgmtd, "--data-dir", str(tmp_path / victim)], "node")
+    else:  # the partition heals while the writer keeps writing: the frozen node finds its lease gone
+      ps.procs[victim].send_signal(signal.SIGCONT)
+    _wait(lambda: all(p == "serving" for _, p, _ in _chain(mgmtd)["targets"]), timeout_s=60, what="resync")
     stop.set()
     thread.join(timeout=60)
     assert not errors, errors
-    chain = _chain(mgmtd)
-    assert chain["version"] > version and chain["targets"][-1][1] in ("offline", "lastsrv")
-    for i, payload in acknowledged.items():
-      with client.open(f"/w{i}", "rb") as f:
-        assert f.read() == payload
-    ps.start("node1", ["node", "--mgmtd", mgmtd, "--data-dir", str(tmp_path / "node1")], "node")
-    _wait(lambda: all(p == "serving" for _, p, _ in _chain(mgmtd)["targets"]), timeout_s=60, what="resync")
     for i in list(acknowledged)[-5:]:  # every replica answers, the returned one included
       for _ in range(3):
         assert client.pread(f"/w{i}", 0, 1 << 20) == acknowledged[i]

@@ -138,7 +138,7 @@ def test_watch_routing_answers_at_once_on_a_change_and_waits_otherwise(tmp_path)
     loop = asyncio.get_running_loop()
     started = loop.time()
     unchanged = await mgmtd.watch_routing(version, wait_s=0.2)
-    assert unchanged["version"] == version and loop.time() - started >= 0.2
+    assert unchanged["version"] == version and loop.time() - started >= 0.15  # timers may fire a tick early
     assert (await mgmtd.watch_routing(version - 1, wait_s=5))["version"] == version  # already behind: no wait
     watch = asyncio.ensure_future(mgmtd.watch_routing(version, wait_s=30))
     await asyncio.sleep(0.05)

@@ -151,3 +151,119 @@ def test_crash_reconfigure_continue_and_resync(tmp_path):
     assert len(replicas) == 3 and set(replicas.values()) == {b"AFTER  the crash"}
     assert returned.stores[victim_target].read(ChunkId(8, 0)) == b"a chunk the victim never saw"
   _run(body, tmp_path)
+
+
+def _owner(storage, target):
+  return next(n for n in storage if target in n.stores)
+
+
+def _corrupt(node, target, chunk):
+  store = node.stores[target]
+  path = store._path(chunk, store.meta(chunk).committed)
+  path.write_bytes(b"\x00" + path.read_bytes()[1:])
+
+
+def test_a_corrupted_chunk_on_the_head_is_repaired_before_a_partial_write(tmp_path):
+  async def body(mgmtd, server, scanner, storage):
+    routing = await _routing(server)
+    await _write(routing, 1, CHUNK, 0, b"hello chain")
+    head = StorageNode.write_path(routing["chains"][0])[0]
+    _corrupt(_owner(storage, head), head, CHUNK)
+    assert (await _write(routing, 1, CHUNK, 6, b"CRAQ!"))["version"] == 2  # needs the old bytes
+    assert set((await _read_all(routing, 1, CHUNK)).values()) == {b"hello CRAQ!"}
+    assert _owner(storage, head).repairs == 1
+  _run(body, tmp_path)
+
+
+def test_a_corrupted_replica_found_by_a_read_is_repaired_in_the_background(tmp_path):
+  async def body(mgmtd, server, scanner, storage):
+    routing = await _routing(server)
+    await _write(routing, 1, CHUNK, 0, b"precious bytes")
+    tail = routing["chains"][0]["targets"][-1][0]
+    _corrupt(_owner(storage, tail), tail, CHUNK)
+    with pytest.raises(StorageError, match="checksum") as err:
+      await _read_all(routing, 1, CHUNK)
+    assert err.value.kind == "corrupted"
+
+    async def repaired():
+      try:
+        return set((await _read_all(routing, 1, CHUNK)).values()) == {b"precious bytes"}
+      except StorageError:
+        return False
+    await _until(repaired)
+    assert _owner(storage, tail).repairs == 1
+  _run(body, tmp_path)
+
+
+def test_resync_requests_are_refused_unless_the_target_is_syncing(tmp_path):
+  async def body(mgmtd, server, scanner, storage):
+    routing = await _routing(server)
+    chain = routing["chains"][0]
+    target = chain["targets"][-1][0]
+    node = _owner(storage, target)
+    client = RpcClient(node.address)
+    try:
+      with pytest.raises(StorageError, match="not syncing") as err:  # a serving replica is never overwritten
+        await client.call("sync_replace", chain_id=1, chain_version=chain["version"], target=target,
+                          chunk=list(CHUNK), data=b"evil", version=99, chunk_chain_version=99)
+      assert err.value.kind == "not_serving"
+      with pytest.raises(StorageError, match="stale"):
+        await client.call("sync_done", chain_id=1, chain_version=chain["version"] - 1, target=target)
+    finally:
+      await client.close()
+    assert node.stores[target].meta(CHUNK) is None
+  _run(body, tmp_path)
+
+
+def test_writes_during_a_resync_reach_every_replica(tmp_path):
+  async def body(mgmtd, server, scanner, storage):
+    routing = await _routing(server)
+    victim = storage[2]
+    victim_target = next(iter(victim.stores))
+    await victim.stop()
+
+    async def reconfigured():
+      r = await _routing(server)
+      return victim_target not in [t for t, p, _ in r["chains"][0]["targets"] if p == "serving"]
+    await _until(reconfigured)
+    routing = await _routing(server)
+    for i in range(60):  # enough chunks that the resync takes a while
+      await _write(routing, 1, ChunkId(9, i), 0, bytes([i]) * 4096)
+    expected = {i: bytes([i]) * 4096 for i in range(60)}
+    states_seen = []
+
+    stop, errors = asyncio.Event(), []
+
+    async def writer():  # keeps writing while the victim returns and resyncs
+      r, n = routing, 0
+      while not stop.is_set():
+        n += 1
+        i = n % 60
+        try:
+          await _write(r, 1, ChunkId(9, i), 0, b"w%05d" % n)
+          expected[i] = b"w%05d" % n + expected[i][6:]
+        except StorageError as err:  # the chain moved: re-route (a refused write changed nothing)
+          errors.append(err)
+          await asyncio.sleep(0.02)
+        r = await _routing(server)
+        states_seen.append(tuple(p for _, p, _ in r["chains"][0]["targets"]))
+
+    task = asyncio.create_task(writer())
+    storage[2] = await StorageNode(tmp_path / "node2", server.address).start()
+
+    async def serving_again():
+      r = await _routing(server)
+      return all(p == "serving" for _, p, _ in r["chains"][0]["targets"])
+    await _until(serving_again, timeout_s=30)
+    await asyncio.sleep(0.2)
+    stop.set()
+    await task
+    assert all(err.kind == "stale_chain" for err in errors), errors
+    assert sum("syncing" in states for states in states_seen) >= 3, "no writes overlapped the resync"
+    routing = await _routing(server)
+    for node in storage:
+      await node.refresh_routing()
+    for i, data in expected.items():
+      replicas = await _read_all(routing, 1, ChunkId(9, i))
+      assert len(replicas) == 3 and set(replicas.values()) == {data}, i
+  _run(body, tmp_path)
