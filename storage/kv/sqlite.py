@@ -4,8 +4,11 @@ Reads run inside a SQLite read transaction, so they see one snapshot (WAL keeps 
 others commit). A read-write transaction records what it read; at commit it takes SQLite's write
 lock (`BEGIN IMMEDIATE`), checks that none of those keys or ranges changed after its snapshot,
 and applies its writes under a new version. Deleted keys stay as tombstones (value NULL) so that
-a delete conflicts with a concurrent read of the same key or range. `synchronous=FULL`: a
-committed transaction survives a crash of the process and of the machine.
+a delete conflicts with a concurrent read of the same key or range. Every `PURGE_EVERY` commits
+the tombstones older than the previous purge are dropped and that version becomes the horizon:
+a transaction that read something and began before the horizon conflicts (and is retried), as
+it might have needed a dropped tombstone to see its conflict. `synchronous=FULL`: a committed
+transaction survives a crash of the process and of the machine.
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (key BLOB PRIMARY KEY, value BLOB, version INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('version', 0);
+INSERT OR IGNORE INTO meta VALUES ('horizon', 0);
+INSERT OR IGNORE INTO meta VALUES ('next_horizon', 0);
 """
+PURGE_EVERY = 1024  # commits between tombstone purges: a transaction spanning more may conflict once
 
 
 class SqliteKV(KVEngine):
@@ -97,13 +103,20 @@ class _SqliteTransaction(Transaction):
                   for k in self._read_keys)
       stale = stale or any(conn.execute("SELECT 1 FROM kv WHERE key>=? AND key<? AND version>? LIMIT 1",
                                         (b, e, self._start)).fetchone() for b, e in self._read_ranges)
+      meta = dict(conn.execute("SELECT name, value FROM meta"))
+      if (self._read_keys or self._read_ranges) and self._start < meta["horizon"]:
+        stale = True  # tombstones it may have needed were purged since it began
       if stale:
         conn.execute("ROLLBACK")
         raise Conflict("a key this transaction read changed before it committed")
-      version = conn.execute("SELECT value FROM meta WHERE name='version'").fetchone()[0] + 1
+      version = meta["version"] + 1
       conn.executemany("INSERT INTO kv VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value, "
                        "version=excluded.version", [(k, v, version) for k, v in writes.items()])
       conn.execute("UPDATE meta SET value=? WHERE name='version'", (version,))
+      if version % PURGE_EVERY == 0:
+        conn.execute("DELETE FROM kv WHERE value IS NULL AND version<=?", (meta["next_horizon"],))
+        conn.execute("UPDATE meta SET value=? WHERE name='horizon'", (meta["next_horizon"],))
+        conn.execute("UPDATE meta SET value=? WHERE name='next_horizon'", (version,))
       conn.execute("COMMIT")
     except sqlite3.Error as err:
       if conn.in_transaction:
