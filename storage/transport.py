@@ -252,6 +252,11 @@ class RpcClient:
     if self._reader_task is not None:
       self._reader_task.cancel()
       await asyncio.gather(self._reader_task, return_exceptions=True)
+    for future in self._pending.values():  # a reader cancelled before it ran never failed them
+      if not future.done():
+        future.set_exception(ConnectionError(f"connection to {self.host}:{self.port} was closed by this client"))
+    self._pending.clear()
+    self._writer = None
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

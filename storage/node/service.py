@@ -54,6 +54,7 @@ class StorageNode:
     self._peers: dict[str, RpcClient] = {}
     self._syncing: set[int] = set()
     self.repairs = 0  # corrupted chunks replaced from another replica
+    self._updates: set[asyncio.Task] = set()  # chain updates in flight (see `_unstoppable`)
     self._tasks: list[asyncio.Task] = []
     self.lease: LeaseKeeper | None = None
 
@@ -101,8 +102,13 @@ class StorageNode:
     for task in self._tasks:
       task.cancel()
     await asyncio.gather(*self._tasks, return_exceptions=True)
-    await asyncio.wait_for(self.watcher.close(), 5)
     await asyncio.wait_for(self.server.stop(), 10)
+    if self._updates:  # let in-flight updates commit or abort; a stuck one is cut off
+      await asyncio.wait(set(self._updates), timeout=5)
+      for task in self._updates:
+        task.cancel()
+      await asyncio.gather(*self._updates, return_exceptions=True)
+    await asyncio.wait_for(self.watcher.close(), 5)
     for client in [self.mgmtd, *self._peers.values()]:
       await asyncio.wait_for(client.close(), 5)
     for store in self.stores.values():
@@ -204,9 +210,7 @@ class StorageNode:
           await self._repair(chain_id, target, chunk_id)
           version = store.prepare(chunk_id, offset, data, chain_version)
         return await self._pass_on_and_commit(chain_id, chain_version, target, chunk_id, version)
-    # Once forwarded, a write must finish (commit, or abort on a real failure) even if the caller
-    # hangs up: cancelling it half-way would leave the replicas with different bytes.
-    return await asyncio.shield(asyncio.ensure_future(locked()))
+    return await self._unstoppable(locked())
 
   async def replicate(self, chain_id: int, chain_version: int, target: int, chunk: list, data: bytes,
                       version: int) -> dict:
@@ -228,7 +232,16 @@ class StorageNode:
           return {"version": version}
         store.replace_pending(chunk_id, data, version, chain_version)
         return await self._pass_on_and_commit(chain_id, chain_version, target, chunk_id, version)
-    return await asyncio.shield(asyncio.ensure_future(locked()))  # see `write`
+    return await self._unstoppable(locked())
+
+  async def _unstoppable(self, coro) -> Any:
+    """Runs a chain update to its end even if the caller hangs up: once forwarded, a write must
+    commit (or abort on a real failure); cancelling it half-way would leave replicas unequal.
+    `stop()` waits for these (bounded)."""
+    task = asyncio.ensure_future(coro)
+    self._updates.add(task)
+    task.add_done_callback(self._updates.discard)
+    return await asyncio.shield(task)
 
   async def _pass_on_and_commit(self, chain_id: int, chain_version: int, target: int, chunk: ChunkId,
                                 version: int) -> dict:
@@ -311,7 +324,7 @@ class StorageNode:
       await self._send_down_chain(chain_id, target, "trim", inode=inode, length=length, chunk_size=chunk_size,
                                   remove=remove)
       return {"dropped": dropped}
-    return await asyncio.shield(asyncio.ensure_future(run()))  # see `write`
+    return await self._unstoppable(run())
 
   async def read(self, chain_id: int, chain_version: int, target: int, chunk: list, offset: int = 0,
                  length: int | None = None) -> dict:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import struct
 import subprocess
+import sys
 import threading
 import time
 
@@ -159,12 +161,15 @@ def test_a_corrupted_chunk_is_served_from_another_replica(cluster, tmp_path):
       f.write(payload)
     victims = list((tmp_path / "node0").glob("target-*/data/*.v*"))
     assert victims
+    good = {path: path.read_bytes() for path in victims}
     for path in victims:
       data = bytearray(path.read_bytes())
       data[100] ^= 0xFF
       path.write_bytes(bytes(data))
     for _ in range(6):  # reads rotate over replicas: node0's copy fails its checksum and is skipped
       assert client.pread("/precious", 0, len(payload)) == payload
+    # ... and is repaired from another replica in the background
+    _wait(lambda: all(path.exists() and path.read_bytes() == good[path] for path in victims), what="repair")
 
 
 def test_meta_restart_loses_nothing(cluster, tmp_path):
@@ -229,3 +234,42 @@ def test_clients_fail_over_to_a_new_meta_server(cluster, tmp_path):
     ps.start("meta2", ["meta", "--mgmtd", mgmtd, "--kv", f"sqlite:{tmp_path / 'meta.db'}", "--chunk-size", "65536"],
              "meta")
     assert client.stat("/survives").size == len(b"metadata lives in the shared KV store")  # same client, new server
+
+
+_WRITER = """
+import random, sys, storage
+address, name, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with storage.connect(address) as client:
+  for i in range(count):
+    if name == "shared":  # rewrites one file again and again, each time with one repeated byte
+      with client.open("/shared", "wb") as f:
+        f.write(bytes([i % 251 + 1]) * 150_000)
+    else:
+      with client.open(f"/{name}-{i}", "wb") as f:
+        f.write(random.Random(f"{name}-{i}").randbytes(20_000 + 997 * i))
+print("done", flush=True)
+"""
+
+
+def test_concurrent_writer_processes_and_a_reader_of_a_file_being_rewritten(cluster):
+  ps, mgmtd, nodes, meta = cluster
+  env = dict(os.environ, PYTHONPATH=os.getcwd())
+  writers = [subprocess.Popen([sys.executable, "-c", _WRITER, mgmtd, name, count], stdout=subprocess.PIPE,
+                              text=True, env=env)
+             for name, count in (("a", "12"), ("b", "12"), ("c", "12"), ("shared", "25"))]
+  reads = 0
+  with storage.connect(mgmtd) as client:
+    _wait(lambda: client.exists("/shared"), what="the shared file")
+    while writers[-1].poll() is None:
+      data = client.pread("/shared", 0, 1 << 20)  # the old bytes, nothing yet, or the new: never a mix
+      assert len(set(data)) <= 1 and len(data) in (0, 150_000), (len(data), set(data))
+      reads += 1
+    for proc in writers:
+      out, _ = proc.communicate(timeout=120)
+      assert proc.returncode == 0 and out.strip() == "done"
+    assert reads > 3
+    for name in "abc":
+      for i in range(12):
+        with client.open(f"/{name}-{i}", "rb") as f:
+          assert f.read() == random.Random(f"{name}-{i}").randbytes(20_000 + 997 * i)
+    assert client.pread("/shared", 0, 1 << 20) == bytes([24 % 251 + 1]) * 150_000

@@ -9,6 +9,7 @@ processes in test_faults.py.)
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import pytest
@@ -266,4 +267,27 @@ def test_writes_during_a_resync_reach_every_replica(tmp_path):
     for i, data in expected.items():
       replicas = await _read_all(routing, 1, ChunkId(9, i))
       assert len(replicas) == 3 and set(replicas.values()) == {data}, i
+  _run(body, tmp_path)
+
+
+def test_a_client_hanging_up_mid_write_leaves_the_replicas_equal(tmp_path):
+  async def body(mgmtd, server, scanner, storage):
+    routing = await _routing(server)
+    chain = routing["chains"][0]
+    head = StorageNode.write_path(chain)[0]
+    for i in range(10):
+      client = RpcClient(_owner(storage, head).address)
+      call = asyncio.ensure_future(client.call("write", chain_id=1, chain_version=chain["version"], target=head,
+                                               chunk=[11, i], offset=0, data=os.urandom(30_000)))
+      await asyncio.sleep(0.001 * i)  # hang up at different points of the write
+      await client.close()
+      await asyncio.gather(call, return_exceptions=True)
+
+    async def settled():
+      try:
+        replicas = [await _read_all(routing, 1, ChunkId(11, i)) for i in range(10)]
+      except StorageError:  # "pending" while a write finishes
+        return False
+      return all(len(r) == 3 and len(set(r.values())) == 1 for r in replicas)
+    await _until(settled)
   _run(body, tmp_path)
