@@ -55,7 +55,7 @@ class StorageNode:
     self._syncing: set[int] = set()
     self.repairs = 0  # corrupted chunks replaced from another replica
     self._updates: set[asyncio.Task] = set()  # chain updates in flight (see `_unstoppable`)
-    self._tasks: list[asyncio.Task] = []
+    self._tasks: set[asyncio.Task] = set()  # background work: heartbeats, resyncs, repairs
     self.lease: LeaseKeeper | None = None
 
   # -- lifecycle --
@@ -81,7 +81,7 @@ class StorageNode:
       await self._wait_until_marked_offline()
     await self.lease.beat()
     self.watcher.start()
-    self._tasks = [asyncio.create_task(self._background())]
+    self._spawn(self._background())
     return self
 
   @property
@@ -98,8 +98,14 @@ class StorageNode:
       await asyncio.sleep(self.lease.lease_s / 8)
       await self.refresh_routing()
 
+  def _spawn(self, coro) -> None:
+    task = asyncio.create_task(coro)
+    self._tasks.add(task)
+    task.add_done_callback(self._tasks.discard)
+
   async def stop(self) -> None:
-    for task in self._tasks:
+    await asyncio.wait_for(self.watcher.close(), 5)  # first: a push would start new resyncs
+    for task in list(self._tasks):
       task.cancel()
     await asyncio.gather(*self._tasks, return_exceptions=True)
     await asyncio.wait_for(self.server.stop(), 10)
@@ -108,7 +114,6 @@ class StorageNode:
       for task in self._updates:
         task.cancel()
       await asyncio.gather(*self._updates, return_exceptions=True)
-    await asyncio.wait_for(self.watcher.close(), 5)
     for client in [self.mgmtd, *self._peers.values()]:
       await asyncio.wait_for(client.close(), 5)
     for store in self.stores.values():
@@ -342,7 +347,7 @@ class StorageNode:
     except PendingWrite as err:
       raise StorageError(str(err), "pending") from None
     except ChunkCorrupted as err:
-      self._tasks.append(asyncio.create_task(self._repair_locked(chain_id, target, chunk_id)))
+      self._spawn(self._repair_locked(chain_id, target, chunk_id))
       raise StorageError(str(err), "corrupted") from None
     return {"data": data}
 
@@ -439,7 +444,7 @@ class StorageNode:
       for (mine, public, _), (succ, succ_public, _) in zip(targets, targets[1:]):
         if mine in self.stores and public == "serving" and succ_public == "syncing" and succ not in self._syncing:
           self._syncing.add(succ)
-          self._tasks.append(asyncio.create_task(self._resync(chain["chain_id"], mine, succ)))
+          self._spawn(self._resync(chain["chain_id"], mine, succ))
 
   def _still_syncing(self, chain_id: int, mine: int, successor: int) -> dict:
     """The chain, if this node may still sync `successor` from `mine`; else raises (the resync stops)."""
