@@ -251,6 +251,10 @@ class ChunkStore:
     with self._lock:
       self._db.execute("INSERT OR IGNORE INTO removed_inodes VALUES (?)", (inode,))
 
+  def removed_inodes(self) -> list[int]:
+    with self._lock:
+      return [inode for inode, in self._db.execute("SELECT inode FROM removed_inodes")]
+
   def is_removed(self, inode: int) -> bool:
     with self._lock:
       return self._db.execute("SELECT 1 FROM removed_inodes WHERE inode=?", (inode,)).fetchone() is not None

@@ -204,6 +204,7 @@ class RpcClient:
     self._writer: asyncio.StreamWriter | None = None
     self._reader_task: asyncio.Task | None = None
     self._lock = asyncio.Lock()
+    self._closed = False
 
   async def _connect(self) -> None:
     reader, self._writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), self.timeout_s)
@@ -228,6 +229,8 @@ class RpcClient:
   async def call(self, method: str, **args) -> Any:
     """Sends one request and returns its result, or raises the server's error as a Python exception."""
     async with self._lock:
+      if self._closed:
+        raise ConnectionError(f"the client of {self.host}:{self.port} is closed")
       if self._writer is None:
         await self._connect()
       request_id = next(self._ids)
@@ -246,7 +249,9 @@ class RpcClient:
     return reply.get("result")
 
   async def close(self) -> None:
-    """Closes the connection without waiting on the peer (which may be gone or stuck)."""
+    """Closes the connection for good (later calls raise ConnectionError), without waiting on
+    the peer, which may be gone or stuck."""
+    self._closed = True
     if self._writer is not None:
       self._writer.close()
     if self._reader_task is not None:

@@ -44,6 +44,8 @@ class RoutingWatcher:
     return self.routing
 
   def _store(self, routing: dict) -> bool:
+    if routing["version"] < self.routing["version"]:
+      return False  # a slow reply overtaken by a push: never go back to older routing
     newer = routing["version"] != self.routing["version"] or routing != self.routing
     self.routing = routing
     if newer:
@@ -71,6 +73,10 @@ class RoutingWatcher:
         routing = await self._poll.call("watch_routing", known_version=self.routing["version"], wait_s=self._wait_s)
       except (ConnectionError, OSError, TimeoutError):
         await asyncio.sleep(0.2)
+        continue
+      except Exception:  # an error reply (say, an mgmtd bug): keep the push alive, but say so
+        logging.exception("watch_routing failed; retrying")
+        await asyncio.sleep(1.0)
         continue
       if routing["version"] != self.routing["version"]:
         self.pushes += 1

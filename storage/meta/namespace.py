@@ -265,11 +265,15 @@ class Namespace:
     return run_transaction(self.engine, lambda txn: len(txn.get_range(prefix, prefix + b"\xff" * 40)),
                            read_only=True)
 
-  def truncate(self, path: str, length: int) -> Stat:
+  def truncate(self, path: str, length: int, *, inode: int | None = None) -> Stat:
+    """Sets the file's length; with `inode`, only if `path` still names that inode (the caller
+    trimmed its chunks first), else FileNotFoundError naming the change."""
     if length < 0:
       raise ValueError(f"length must be >= 0, got {length}")
     def body(txn):
       inode_id = self._resolve(txn, split_path(path), path)
+      if inode is not None and inode_id != inode:
+        raise FileNotFoundError(f"{path} was replaced (inode {inode} -> {inode_id}) during the truncate; retry")
       value = self._get_inode(txn, inode_id)
       if value["dir"]:
         raise IsADirectoryError(f"is a directory: {path}")
@@ -357,24 +361,38 @@ class Namespace:
     run_transaction(self.engine, body)
 
   # -- reclaiming removed files --
-  def garbage(self, *, older_than_s: float = 0.0, limit: int = 64) -> list[tuple[int, Layout]]:
-    """Removed files whose chunks may be reclaimed now: removed at least `older_than_s` ago
-    (a grace period for readers that opened them before) and with no writer session open."""
+  def garbage(self, *, older_than_s: float = 0.0, session_ttl_s: float = 86400.0, limit: int = 64,
+              skip: frozenset = frozenset()) -> list[tuple[int, Layout]]:
+    """Up to `limit` removed files whose chunks may be reclaimed now: removed at least
+    `older_than_s` ago (a grace period for readers that opened them before), not in `skip`,
+    and with no writer session younger than `session_ttl_s` (older ones are writers that died
+    without closing). Scans the whole queue."""
     def body(txn):
       ready = []
       now = time.time()
-      for key, raw in txn.get_range(_GARBAGE, _GARBAGE + b"\xff" * 9, limit=4 * limit):
+      for key, raw in txn.get_range(_GARBAGE, _GARBAGE + b"\xff" * 9):
         inode = int.from_bytes(key[len(_GARBAGE):], "little")
         value = msgpack.unpackb(raw)
+        if inode in skip or now - value["removed_at"] < older_than_s:
+          continue
         sessions = _SESSION + _id(inode)
-        if now - value["removed_at"] >= older_than_s and not txn.get_range(sessions, sessions + b"\xff" * 40, limit=1):
-          ready.append((inode, Layout(value["chunk_size"], tuple(value["chains"]))))
-      return ready[:limit]
+        if any(now - msgpack.unpackb(s)["opened"] < session_ttl_s
+               for _, s in txn.get_range(sessions, sessions + b"\xff" * 40)):
+          continue
+        ready.append((inode, Layout(value["chunk_size"], tuple(value["chains"]))))
+        if len(ready) == limit:
+          break
+      return ready
     return run_transaction(self.engine, body, read_only=True)
 
   def forget_garbage(self, inode: int) -> None:
-    """Drops a reclaimed file from the GC queue."""
-    run_transaction(self.engine, lambda txn: txn.clear(_GARBAGE + _id(inode)))
+    """Drops a reclaimed file from the GC queue, and any writer sessions it still had."""
+    def body(txn):
+      txn.clear(_GARBAGE + _id(inode))
+      sessions = _SESSION + _id(inode)
+      for key, _ in txn.get_range(sessions, sessions + b"\xff" * 40):
+        txn.clear(key)
+    run_transaction(self.engine, body)
 
   def exists(self, path: str) -> bool:
     try:

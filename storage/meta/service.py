@@ -20,7 +20,7 @@ from storage.cluster.chain_client import ChainClient
 from storage.cluster.routing import RoutingWatcher
 from storage.kv import KVEngine
 from storage.meta.namespace import Namespace, Stat
-from storage.transport import RpcClient, RpcServer
+from storage.transport import RpcClient, RpcServer, StorageError
 
 
 def stat_dict(stat: Stat) -> dict[str, Any]:
@@ -40,18 +40,21 @@ class MetaServer:
     gc_delay_s: how long a removed file's chunks stay readable (for readers that opened it
       before); after that, readers get FileNotFoundError.
     gc_interval_s: how often the collector looks for removed files.
+    session_ttl_s: a writer session older than this no longer holds back reclaiming its
+      removed file (its writer died without closing).
   """
 
   def __init__(self, engine: KVEngine, mgmtd_address: str, *, host: str = "127.0.0.1", port: int = 0,
-               chunk_size: int = 1 << 20, stripe: int = 16, gc_delay_s: float = 30.0, gc_interval_s: float = 1.0):
+               chunk_size: int = 1 << 20, stripe: int = 16, gc_delay_s: float = 30.0, gc_interval_s: float = 1.0,
+               session_ttl_s: float = 86400.0):
     if gc_delay_s < 0 or gc_interval_s <= 0:
       raise ValueError(f"gc_delay_s must be >= 0 and gc_interval_s > 0, got {gc_delay_s} and {gc_interval_s}")
     self.engine = engine
     self.mgmtd = RpcClient(mgmtd_address, timeout_s=5.0)
     self.watcher = RoutingWatcher(mgmtd_address, on_change=self._adopt)
-    self.chains = ChainClient(self.watcher, timeout_s=10.0)
+    self.chains = ChainClient(self.watcher, timeout_s=10.0, attempts=50)  # a few seconds through a failover
     self.chunk_size, self.stripe = chunk_size, stripe
-    self.gc_delay_s, self.gc_interval_s = gc_delay_s, gc_interval_s
+    self.gc_delay_s, self.gc_interval_s, self.session_ttl_s = gc_delay_s, gc_interval_s, session_ttl_s
     self.namespace: Namespace | None = None
     self.server = RpcServer(self._handlers(), host, port)
     self._tasks: list[asyncio.Task] = []
@@ -69,12 +72,12 @@ class MetaServer:
     return self
 
   async def stop(self) -> None:
+    await self.server.stop()  # first: no request may reopen what closes below
     for task in self._tasks:
       task.cancel()
     await asyncio.gather(*self._tasks, return_exceptions=True)
     await self.chains.close()
     await self.watcher.close()
-    await self.server.stop()
     await self.mgmtd.close()
 
   async def _refresh(self) -> None:
@@ -107,12 +110,22 @@ class MetaServer:
     """Reclaims the chunks of removed files that are ready; returns how many files."""
     if self.namespace is None:
       return 0
-    ready = await asyncio.to_thread(self.namespace.garbage, older_than_s=self.gc_delay_s)
-    for inode, layout in ready:
-      await self.trim(inode, layout, 0, remove=True)
-      await asyncio.to_thread(self.namespace.forget_garbage, inode)
-      self.reclaimed += 1
-    return len(ready)
+    failed, done = set(), 0
+    while True:  # a file whose chains are down is skipped this round, not retried in a loop
+      ready = await asyncio.to_thread(self.namespace.garbage, older_than_s=self.gc_delay_s,
+                                      session_ttl_s=self.session_ttl_s, skip=frozenset(failed))
+      if not ready:
+        return done
+      for inode, layout in ready:
+        try:
+          await self.trim(inode, layout, 0, remove=True)
+        except (StorageError, ConnectionError, OSError, TimeoutError) as err:
+          logging.warning("reclaiming inode %d failed (%s); next round", inode, err)
+          failed.add(inode)
+          continue
+        await asyncio.to_thread(self.namespace.forget_garbage, inode)
+        self.reclaimed += 1
+        done += 1
 
   async def _collect_garbage(self) -> None:
     while True:
@@ -158,9 +171,14 @@ class MetaServer:
       before = await call("stat", path)
       if before.is_dir:
         raise IsADirectoryError(f"is a directory: {path}")
-      # Storage first: once the length is committed, bytes past it must already be gone.
-      await self.trim(before.inode, before.layout, min(before.size, length))
-      return stat_dict(await call("truncate", path, length))
+      # Storage first: once the length is committed, bytes past it must already be gone. With no
+      # writer open, bytes past the recorded size are a dead writer's and go too (growing must
+      # read zeros); an open writer's bytes past it are its own, so then only a shrink cuts.
+      writing = await call("sessions", before.inode)
+      bound = length if writing else min(before.size, length)
+      if not writing or length < before.size:
+        await self.trim(before.inode, before.layout, bound)
+      return stat_dict(await call("truncate", path, length, inode=before.inode))
 
     async def open_session(inode: int):
       return await call("open_session", inode)

@@ -12,6 +12,7 @@ re-routes. A node whose lease lapsed (no mgmtd for half a lease) refuses everyth
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import pathlib
@@ -209,6 +210,8 @@ class StorageNode:
 
     async def locked():
       async with self._lock(target, chunk_id):
+        if store.is_removed(chunk_id.inode):  # again, under the lock: a trim may have just passed
+          raise FileNotFoundError(f"inode {chunk_id.inode} was removed; its chunks are reclaimed")
         try:
           version = store.prepare(chunk_id, offset, data, chain_version)
         except ChunkCorrupted:  # the head needs the old bytes for a partial write: fetch a good copy
@@ -290,12 +293,15 @@ class StorageNode:
       await self.refresh_routing()
 
   async def trim(self, chain_id: int, chain_version: int, target: int, inode: int, length: int, chunk_size: int,
-                 remove: bool = False) -> dict:
+                 remove: bool = False, chunks: list | None = None) -> dict:
     """Cuts a file's chunks on this chain to its first `length` bytes (a file of `chunk_size`
-    chunks), on every replica: the head cuts the boundary chunk as a CRAQ write; each replica
-    drops the chunks wholly past `length` and passes the request on. `remove` (with length 0)
-    also leaves a tombstone, so late readers of the removed file get FileNotFoundError.
-    Returns how many chunks this replica dropped."""
+    chunks), on every replica. A caller sends it to the head (`chunks` None), which cuts the
+    boundary chunk as a CRAQ write and names the chunks past `length` it holds; each replica
+    drops exactly those and passes the request on. Every chunk involved stays locked on a replica
+    until the replicas after it are done, so a write to the file is ordered wholly before or
+    after the trim on every replica. `remove` (length 0) also leaves a tombstone, so late
+    readers of a removed file get FileNotFoundError. Returns how many chunks were dropped here.
+    """
     for name, value in (("inode", inode), ("length", length), ("chunk_size", chunk_size)):
       if not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
@@ -303,33 +309,46 @@ class StorageNode:
       raise ValueError(f"chunk_size must be in [1, {MAX_CHUNK_BYTES}], got {chunk_size}")
     if remove and length:
       raise ValueError(f"remove=True reclaims a whole file: length must be 0, got {length}")
+    if chunks is not None and not (isinstance(chunks, list) and all(isinstance(c, int) and c >= 0 for c in chunks)):
+      raise ValueError("chunks must be a list of non-negative chunk indexes")
     chain = await self._check(chain_id, chain_version, target)
     path = self.write_path(chain)
     if target not in path:
       raise NotServing(f"target {target} is not in the write path of chain {chain_id}")
+    if chunks is None and path[0] != target:
+      raise StaleChain(f"target {target} is not the head of chain {chain_id}")
     store = self.stores[target]
+    boundary, keep = divmod(length, chunk_size)
+    first_gone = boundary + (1 if keep else 0)
 
     async def run():
-      if remove:
-        store.mark_removed(inode)
-      boundary, keep = divmod(length, chunk_size)
-      if keep and path[0] == target:  # the head cuts the partial chunk; the write carries it down
-        chunk = ChunkId(inode, boundary)
-        async with self._lock(target, chunk):
-          if store.length(chunk) > keep:
-            version = store.prepare(chunk, 0, b"", chain_version, cut=keep)
-            await self._pass_on_and_commit(chain_id, chain_version, target, chunk, version)
-      first_gone = boundary + (1 if keep else 0)
-      dropped = 0
-      for chunk in store.chunks_of(inode):
-        if chunk.index >= first_gone:
-          async with self._lock(target, chunk):
-            store.remove(chunk)
-          dropped += 1
-      await self._send_down_chain(chain_id, target, "trim", inode=inode, length=length, chunk_size=chunk_size,
-                                  remove=remove)
-      return {"dropped": dropped}
+      if remove:  # from here on the head refuses writes to the file (checked under each chunk lock,
+        store.mark_removed(inode)  # with no await between that check and the chunk's creation)
+      with contextlib.ExitStack() as unlock:
+        cut = ChunkId(inode, boundary) if keep and chunks is None else None
+        if cut is not None:
+          await self._hold(unlock, target, cut)
+        # The head lists what lies past the cut; the successors drop exactly that list, so a chunk
+        # written meanwhile is never dropped on some replicas only.
+        names = [c.index for c in store.chunks_of(inode) if c.index >= first_gone] if chunks is None else \
+            sorted(set(chunks))
+        for index in names:
+          await self._hold(unlock, target, ChunkId(inode, index))
+        if cut is not None and store.length(cut) > keep:
+          version = store.prepare(cut, 0, b"", chain_version, cut=keep)
+          await self._pass_on_and_commit(chain_id, chain_version, target, cut, version)
+        for index in names:
+          store.remove(ChunkId(inode, index))
+        await self._send_down_chain(chain_id, target, "trim", inode=inode, length=length, chunk_size=chunk_size,
+                                    remove=remove, chunks=names)
+      return {"dropped": len(names)}
     return await self._unstoppable(run())
+
+  async def _hold(self, stack: contextlib.ExitStack, target: int, chunk: ChunkId) -> None:
+    """Takes a chunk's lock until `stack` closes."""
+    lock = self._lock(target, chunk)
+    await lock.acquire()
+    stack.callback(lock.release)
 
   async def read(self, chain_id: int, chain_version: int, target: int, chunk: list, offset: int = 0,
                  length: int | None = None) -> dict:
@@ -388,7 +407,7 @@ class StorageNode:
     chain = self._chain(chain_id)
     mine = self.stores[target].meta(chunk)
     for other, public, _ in chain["targets"]:
-      if other == target or public not in ("serving", "syncing"):
+      if other == target or public != "serving":  # a syncing replica may hold stale bytes
         continue
       try:
         reply = await self._peer(self._node_of(other)).call("fetch_chunk", chain_id=chain_id,
@@ -396,7 +415,7 @@ class StorageNode:
                                                            chunk=list(chunk))
       except (ConnectionError, OSError, TimeoutError, StorageError):
         continue
-      if mine is not None and reply["version"] < mine.committed:
+      if mine is not None and (reply["chain_version"], reply["version"]) < (mine.chain_version, mine.committed):
         continue  # an older copy than the one we lost: not a repair
       self.stores[target].replace(chunk, reply["data"], reply["version"], reply["chain_version"])
       self.repairs += 1
@@ -432,8 +451,11 @@ class StorageNode:
       async with self._lock(target, chunk_id):
         self.stores[target].remove(chunk_id)
 
-  async def sync_done(self, chain_id: int, chain_version: int, target: int) -> None:
+  async def sync_done(self, chain_id: int, chain_version: int, target: int, removed_inodes: list = ()) -> None:
+    """The end of a resync; `removed_inodes` are the predecessor's tombstones (see `trim`)."""
     await self._check_syncing(chain_id, chain_version, target)
+    for inode in removed_inodes:
+      self.stores[target].mark_removed(int(inode))
     self.local[target] = LocalState.UP_TO_DATE
     await self.lease.beat()
 
@@ -484,7 +506,7 @@ class StorageNode:
         async with self._lock(mine, chunk):  # re-check: a write since the dump created it here too
           if store.meta(chunk) is None:
             await call("sync_remove", chunks=[list(chunk)])
-      await call("sync_done")
+      await call("sync_done", removed_inodes=store.removed_inodes())
     except Exception:  # retried on a later routing push
       logging.exception("resync of target %s from %s stopped", successor, mine)
     finally:

@@ -239,3 +239,15 @@ def test_truncate_cuts_the_chunks_so_growing_again_reads_zeros(cluster):
     client.mkdir("/d")
     with pytest.raises(IsADirectoryError):
       client.truncate("/d", 0)
+
+
+def test_truncating_a_file_being_written_keeps_the_writers_bytes(cluster):
+  with storage.connect(cluster.address) as client:
+    f = client.open("/open", "wb")
+    f.write(b"A" * 200_000)
+    f.flush()  # acknowledged, though the length is published only at close
+    assert client.stat("/open").size == 0
+    client.truncate("/open", 1_000_000)  # growing: nothing of the writer's may go
+    f.close()
+    assert client.pread("/open", 0, 200_000) == b"A" * 200_000
+    assert client.stat("/open").size == 1_000_000

@@ -177,3 +177,15 @@ def test_a_routing_watcher_receives_pushes_over_the_wire(tmp_path):
     await server.stop()
     mgmtd.close()
   _run(body())
+
+
+def test_a_routing_watcher_never_goes_back_to_older_routing():
+  from storage.cluster.routing import RoutingWatcher
+
+  async def body():
+    watcher = RoutingWatcher("127.0.0.1:1")
+    assert watcher._store({"version": 5, "nodes": {}, "chains": [], "meta": []})
+    assert not watcher._store({"version": 4, "nodes": {"1": {}}, "chains": [], "meta": []})  # a slow reply
+    assert watcher.routing["version"] == 5 and watcher.routing["nodes"] == {}
+    await watcher.close()
+  _run(body())

@@ -139,6 +139,12 @@ def test_crash_reconfigure_continue_and_resync(tmp_path):
     await _write(routing, 1, CHUNK, 0, b"AFTER ")
     await _write(routing, 1, ChunkId(8, 0), 0, b"a chunk the victim never saw")
     assert set((await _read_all(routing, 1, CHUNK)).values()) == {b"AFTER  the crash"}
+    await _write(routing, 1, ChunkId(12, 0), 0, b"a file removed while the victim was away")
+    head = StorageNode.write_path(routing["chains"][0])[0]
+    client = RpcClient(_owner(storage, head).address)
+    assert (await client.call("trim", chain_id=1, chain_version=routing["chains"][0]["version"], target=head,
+                              inode=12, length=0, chunk_size=1 << 20, remove=True))["dropped"] == 1
+    await client.close()
 
     storage[1] = returned = await StorageNode(tmp_path / "node1", server.address).start()
     async def serving_again():
@@ -151,6 +157,9 @@ def test_crash_reconfigure_continue_and_resync(tmp_path):
     replicas = await _read_all(routing, 1, CHUNK)
     assert len(replicas) == 3 and set(replicas.values()) == {b"AFTER  the crash"}
     assert returned.stores[victim_target].read(ChunkId(8, 0)) == b"a chunk the victim never saw"
+    assert returned.stores[victim_target].is_removed(12)  # the tombstone travelled with the resync
+    with pytest.raises(FileNotFoundError, match="removed"):
+      await _read_all(routing, 1, ChunkId(12, 0))
   _run(body, tmp_path)
 
 
@@ -290,4 +299,27 @@ def test_a_client_hanging_up_mid_write_leaves_the_replicas_equal(tmp_path):
         return False
       return all(len(r) == 3 and len(set(r.values())) == 1 for r in replicas)
     await _until(settled)
+  _run(body, tmp_path)
+
+
+def test_trim_cuts_every_replica_and_only_the_head_takes_it_from_callers(tmp_path):
+  async def body(mgmtd, server, scanner, storage):
+    routing = await _routing(server)
+    chain = routing["chains"][0]
+    for i in range(4):
+      await _write(routing, 1, ChunkId(13, i), 0, bytes([i + 1]) * 1000)
+    path = StorageNode.write_path(chain)
+    tail = RpcClient(_owner(storage, path[-1]).address)
+    with pytest.raises(StorageError, match="not the head"):
+      await tail.call("trim", chain_id=1, chain_version=chain["version"], target=path[-1], inode=13, length=0,
+                      chunk_size=1000)
+    await tail.close()
+    head = RpcClient(_owner(storage, path[0]).address)
+    reply = await head.call("trim", chain_id=1, chain_version=chain["version"], target=path[0], inode=13,
+                            length=1500, chunk_size=1000)  # keeps chunk 0 and half of chunk 1
+    await head.close()
+    assert reply == {"dropped": 2}
+    for node in storage:
+      store = next(iter(node.stores.values()))
+      assert [c.index for c in store.chunks_of(13)] == [0, 1] and store.read(ChunkId(13, 1)) == b"\x02" * 500
   _run(body, tmp_path)
