@@ -246,10 +246,12 @@ class ChunkStore:
                               (prefix, f"{inode:016x}.")).fetchall()
     return [ChunkId(inode, int(name[len(prefix):], 16)) for name, in rows]
 
-  def mark_removed(self, inode: int) -> None:
-    """Remembers that `inode`'s file was removed (its chunks are being reclaimed)."""
+  def mark_removed(self, *inodes: int) -> None:
+    """Remembers that these inodes' files were removed (their chunks are being reclaimed); one commit."""
     with self._lock:
-      self._db.execute("INSERT OR IGNORE INTO removed_inodes VALUES (?)", (inode,))
+      self._db.execute("BEGIN")
+      self._db.executemany("INSERT OR IGNORE INTO removed_inodes VALUES (?)", [(i,) for i in inodes])
+      self._db.execute("COMMIT")
 
   def removed_inodes(self) -> list[int]:
     with self._lock:

@@ -233,6 +233,9 @@ class RpcClient:
         raise ConnectionError(f"the client of {self.host}:{self.port} is closed")
       if self._writer is None:
         await self._connect()
+        if self._closed:  # closed while connecting
+          await self.close()
+          raise ConnectionError(f"the client of {self.host}:{self.port} is closed")
       request_id = next(self._ids)
       future = asyncio.get_running_loop().create_future()
       self._pending[request_id] = future

@@ -78,6 +78,11 @@ class RoutingWatcher:
         logging.exception("watch_routing failed; retrying")
         await asyncio.sleep(1.0)
         continue
+      if routing["version"] < self.routing["version"]:  # mgmtd lost state and restarted behind us
+        logging.warning("mgmtd answered routing version %s, older than our %s; waiting", routing["version"],
+                        self.routing["version"])
+        await asyncio.sleep(1.0)
+        continue
       if routing["version"] != self.routing["version"]:
         self.pushes += 1
       if self._store(routing) and self._on_change is not None:

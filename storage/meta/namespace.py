@@ -248,6 +248,8 @@ class Namespace:
     def body(txn):
       key = _SESSION + _id(inode) + session.encode()
       if txn.get(key) is None:
+        if txn.get(_inode_key(inode)) is None and txn.get(_GARBAGE + _id(inode)) is None:
+          raise FileNotFoundError(f"inode {inode} was removed and reclaimed while this writer held it open")
         raise ValueError(f"no open session {session} on inode {inode}")
       txn.clear(key)
       removed = txn.get(_GARBAGE + _id(inode))
@@ -260,20 +262,25 @@ class Namespace:
       return self._stat(inode, value)
     return run_transaction(self.engine, body)
 
-  def sessions(self, inode: int) -> int:
+  def sessions(self, inode: int, *, younger_than_s: float | None = None) -> int:
+    """Open writer sessions of `inode`; with `younger_than_s`, only those opened since then."""
     prefix = _SESSION + _id(inode)
-    return run_transaction(self.engine, lambda txn: len(txn.get_range(prefix, prefix + b"\xff" * 40)),
-                           read_only=True)
+    now = time.time()
+    def body(txn):
+      found = [msgpack.unpackb(v) for _, v in txn.get_range(prefix, prefix + b"\xff" * 40)]
+      return sum(1 for s in found if younger_than_s is None or now - s["opened"] < younger_than_s)
+    return run_transaction(self.engine, body, read_only=True)
 
-  def truncate(self, path: str, length: int, *, inode: int | None = None) -> Stat:
-    """Sets the file's length; with `inode`, only if `path` still names that inode (the caller
-    trimmed its chunks first), else FileNotFoundError naming the change."""
+  def truncate(self, path: str, length: int) -> Stat:
+    """Sets the length of the file at `path` (metadata only: see `MetaServer` for the chunks)."""
+    inode = run_transaction(self.engine, lambda txn: self._resolve(txn, split_path(path), path), read_only=True)
+    return self.truncate_inode(inode, length, path=path)
+
+  def truncate_inode(self, inode_id: int, length: int, *, path: str = "") -> Stat:
+    """Sets the length of inode `inode_id` wherever it is now (a rename since does not matter)."""
     if length < 0:
       raise ValueError(f"length must be >= 0, got {length}")
     def body(txn):
-      inode_id = self._resolve(txn, split_path(path), path)
-      if inode is not None and inode_id != inode:
-        raise FileNotFoundError(f"{path} was replaced (inode {inode} -> {inode_id}) during the truncate; retry")
       value = self._get_inode(txn, inode_id)
       if value["dir"]:
         raise IsADirectoryError(f"is a directory: {path}")

@@ -106,6 +106,13 @@ class MetaServer:
                                                  chunk_size=layout.chunk_size, remove=remove)
                            for chain in layout.chains))
 
+  def _has_head(self, chain_id: int) -> bool:
+    try:
+      chain = self.chains.chain(chain_id)
+    except StorageError:
+      return False
+    return any(public in ("serving", "syncing") for _, public, _ in chain["targets"])
+
   async def collect_garbage_once(self) -> int:
     """Reclaims the chunks of removed files that are ready; returns how many files."""
     if self.namespace is None:
@@ -118,8 +125,10 @@ class MetaServer:
         return done
       for inode, layout in ready:
         try:
+          if not all(self._has_head(chain) for chain in layout.chains):
+            raise StorageError(f"a chain of inode {inode} has no serving target", "not_serving")
           await self.trim(inode, layout, 0, remove=True)
-        except (StorageError, ConnectionError, OSError, TimeoutError) as err:
+        except Exception as err:  # anything: this file waits for the next round, the others go on
           logging.warning("reclaiming inode %d failed (%s); next round", inode, err)
           failed.add(inode)
           continue
@@ -174,11 +183,12 @@ class MetaServer:
       # Storage first: once the length is committed, bytes past it must already be gone. With no
       # writer open, bytes past the recorded size are a dead writer's and go too (growing must
       # read zeros); an open writer's bytes past it are its own, so then only a shrink cuts.
-      writing = await call("sessions", before.inode)
+      writing = await call("sessions", before.inode, younger_than_s=self.session_ttl_s)
       bound = length if writing else min(before.size, length)
       if not writing or length < before.size:
         await self.trim(before.inode, before.layout, bound)
-      return stat_dict(await call("truncate", path, length, inode=before.inode))
+      # The length goes on the inode that was trimmed, wherever a rename has moved it since.
+      return stat_dict(await call("truncate_inode", before.inode, length, path=path))
 
     async def open_session(inode: int):
       return await call("open_session", inode)

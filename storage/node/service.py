@@ -56,6 +56,7 @@ class StorageNode:
     self._syncing: set[int] = set()
     self.repairs = 0  # corrupted chunks replaced from another replica
     self._updates: set[asyncio.Task] = set()  # chain updates in flight (see `_unstoppable`)
+    self._stopping = False
     self._tasks: set[asyncio.Task] = set()  # background work: heartbeats, resyncs, repairs
     self.lease: LeaseKeeper | None = None
 
@@ -105,7 +106,7 @@ class StorageNode:
     task.add_done_callback(self._tasks.discard)
 
   async def stop(self) -> None:
-    await asyncio.wait_for(self.watcher.close(), 5)  # first: a push would start new resyncs
+    self._stopping = True  # a routing push starts no more resyncs
     for task in list(self._tasks):
       task.cancel()
     await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -115,6 +116,7 @@ class StorageNode:
       for task in self._updates:
         task.cancel()
       await asyncio.gather(*self._updates, return_exceptions=True)
+    await asyncio.wait_for(self.watcher.close(), 5)  # after the drain: updates may still re-route
     for client in [self.mgmtd, *self._peers.values()]:
       await asyncio.wait_for(client.close(), 5)
     for store in self.stores.values():
@@ -131,6 +133,8 @@ class StorageNode:
   async def _on_routing(self, routing: dict) -> None:
     """Pushed routing: act on a new chain state at once rather than at the next heartbeat."""
     del routing
+    if self._stopping:
+      return
     self._rejoin_marked_down_targets()
     await self._start_resyncs()
 
@@ -337,10 +341,10 @@ class StorageNode:
         if cut is not None and store.length(cut) > keep:
           version = store.prepare(cut, 0, b"", chain_version, cut=keep)
           await self._pass_on_and_commit(chain_id, chain_version, target, cut, version)
-        for index in names:
-          store.remove(ChunkId(inode, index))
         await self._send_down_chain(chain_id, target, "trim", inode=inode, length=length, chunk_size=chunk_size,
                                     remove=remove, chunks=names)
+        for index in names:  # only once every replica after this one is done: a failed trim is retried
+          store.remove(ChunkId(inode, index))  # from the head, which still lists these chunks
       return {"dropped": len(names)}
     return await self._unstoppable(run())
 
@@ -454,8 +458,7 @@ class StorageNode:
   async def sync_done(self, chain_id: int, chain_version: int, target: int, removed_inodes: list = ()) -> None:
     """The end of a resync; `removed_inodes` are the predecessor's tombstones (see `trim`)."""
     await self._check_syncing(chain_id, chain_version, target)
-    for inode in removed_inodes:
-      self.stores[target].mark_removed(int(inode))
+    self.stores[target].mark_removed(*(int(inode) for inode in removed_inodes))
     self.local[target] = LocalState.UP_TO_DATE
     await self.lease.beat()
 

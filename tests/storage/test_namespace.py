@@ -154,15 +154,17 @@ def test_removed_files_wait_in_the_gc_queue_for_writers_and_the_grace_period(ns)
   assert ns.garbage() == [] and ns.stat("/kept") == kept
 
 
-def test_truncate_checks_the_inode_and_gc_forgets_dead_writers(ns):
+def test_truncate_by_inode_follows_renames_and_gc_forgets_dead_writers(ns):
   stat = ns.create("/f")
-  with pytest.raises(FileNotFoundError, match="replaced"):
-    ns.truncate("/f", 10, inode=stat.inode + 100)
-  assert ns.truncate("/f", 10, inode=stat.inode).size == 10
-  ns.open_session(stat.inode)  # a writer that will never close
-  ns.unlink("/f")
+  ns.rename("/f", "/g")
+  assert ns.truncate_inode(stat.inode, 10).size == 10 and ns.stat("/g").size == 10
+  session = ns.open_session(stat.inode)  # a writer that will never close
+  assert ns.sessions(stat.inode) == 1 and ns.sessions(stat.inode, younger_than_s=0) == 0
+  ns.unlink("/g")
   assert ns.garbage() == []
   assert [inode for inode, _ in ns.garbage(session_ttl_s=0)] == [stat.inode]
   assert ns.garbage(session_ttl_s=0, skip=frozenset({stat.inode})) == []
   ns.forget_garbage(stat.inode)
   assert ns.sessions(stat.inode) == 0 and ns.garbage(session_ttl_s=0) == []
+  with pytest.raises(FileNotFoundError, match="reclaimed"):  # the dead writer wakes up after all
+    ns.close_session(stat.inode, session, 5)

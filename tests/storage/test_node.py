@@ -323,3 +323,30 @@ def test_trim_cuts_every_replica_and_only_the_head_takes_it_from_callers(tmp_pat
       store = next(iter(node.stores.values()))
       assert [c.index for c in store.chunks_of(13)] == [0, 1] and store.read(ChunkId(13, 1)) == b"\x02" * 500
   _run(body, tmp_path)
+
+
+def test_a_trim_that_fails_downstream_is_finished_by_a_retry(tmp_path):
+  async def body(mgmtd, server, scanner, storage):
+    routing = await _routing(server)
+    chain = routing["chains"][0]
+    for i in range(3):
+      await _write(routing, 1, ChunkId(14, i), 0, b"x" * 100)
+    path = StorageNode.write_path(chain)
+    tail = _owner(storage, path[-1])
+    real_trim, failures = tail.trim, []
+
+    async def failing_once(**args):
+      if not failures:
+        failures.append(args)
+        raise ValueError("a tail that refuses once")
+      return await real_trim(**args)
+    tail.server.handlers["trim"] = failing_once
+    head = RpcClient(_owner(storage, path[0]).address)
+    args = dict(chain_id=1, chain_version=chain["version"], target=path[0], inode=14, length=0, chunk_size=100,
+                remove=True)
+    with pytest.raises(ValueError, match="refuses once"):
+      await head.call("trim", **args)
+    assert (await head.call("trim", **args))["dropped"] == 3  # the head still lists what it holds
+    await head.close()
+    assert [len(next(iter(n.stores.values())).chunks_of(14)) for n in storage] == [0, 0, 0]
+  _run(body, tmp_path)
