@@ -3,8 +3,11 @@
 All compute `D = C + A @ B.T` (the k-grouped one `A.T @ B`) from e4m3 operands with
 fine-grained f32 scales, accumulating in f32 and promoting per 128-wide k block.
 
-`implementation` names a backend: `"xla"` (pure jnp, everywhere). `None` tries the backends
-preferred on the current platform in order and falls through on `NotImplementedError`.
+`implementation` names a backend: `"xla"` (pure jnp, everywhere) or `"mosaic_gpu"` (the Hopper
+kernels of `fp8.mosaic_gpu`, sm90 only). `None` tries the backends preferred on the current
+platform in order (mosaic_gpu, then xla, on a GPU) and falls through on `NotImplementedError`.
+`interpret=True` runs a kernel backend's exact code in Mosaic GPU interpret mode on any backend,
+CPU included (slow: for tests, and for anyone without a GPU).
 
 Arguments are checked once, here, before any backend sees them. The grouped layouts' row
 semantics are also applied here, once for every backend, in one elementwise pass over the
@@ -20,18 +23,23 @@ import jax
 import jax.numpy as jnp
 
 from backends import select_and_run
-from fp8 import layout, reference, validation
+from fp8 import layout, mosaic_gpu, reference, validation
 from fp8.formats import BLOCK
 
 # Backends per op. A kernel module adds its entry here and to PLATFORMS; `_PREFERRED` orders them.
 IMPLEMENTATIONS: dict[str, dict[str, Callable[..., Any]]] = {
-    "gemm_nt": {"xla": reference.gemm_nt},
-    "m_grouped_gemm_nt_contiguous": {"xla": reference.m_grouped_gemm_nt_contiguous},
-    "m_grouped_gemm_nt_masked": {"xla": reference.m_grouped_gemm_nt_masked},
-    "k_grouped_gemm_tn_contiguous": {"xla": reference.k_grouped_gemm_tn_contiguous},
+    "gemm_nt": {"xla": reference.gemm_nt, "mosaic_gpu": mosaic_gpu.gemm_nt},
+    "m_grouped_gemm_nt_contiguous": {"xla": reference.m_grouped_gemm_nt_contiguous,
+                                     "mosaic_gpu": mosaic_gpu.m_grouped_gemm_nt_contiguous},
+    "m_grouped_gemm_nt_masked": {"xla": reference.m_grouped_gemm_nt_masked,
+                                 "mosaic_gpu": mosaic_gpu.m_grouped_gemm_nt_masked},
+    "k_grouped_gemm_tn_contiguous": {"xla": reference.k_grouped_gemm_tn_contiguous,
+                                     "mosaic_gpu": mosaic_gpu.k_grouped_gemm_tn_contiguous},
 }
-# Where each backend runs (the test suite runs the others only under the `gpu` marker).
-PLATFORMS: dict[str, tuple[str, ...]] = {"xla": ("cpu", "gpu", "tpu")}
+# Where each backend runs natively; INTERPRETABLE ones also run anywhere with interpret=True
+# (the test suite runs them that way on CPU, and natively under the `gpu` marker).
+PLATFORMS: dict[str, tuple[str, ...]] = {"xla": ("cpu", "gpu", "tpu"), "mosaic_gpu": ("gpu",)}
+INTERPRETABLE = frozenset({"mosaic_gpu"})
 _PREFERRED = {"gpu": ("mosaic_gpu", "xla")}
 
 
@@ -39,7 +47,7 @@ def _run(op: str, implementation: str | None, *args, **kwargs):
   return select_and_run(op, IMPLEMENTATIONS[op], implementation, _PREFERRED, *args, **kwargs)
 
 
-def gemm_nt(a, b, *, c=None, out_dtype=None, implementation: str | None = None) -> jax.Array:
+def gemm_nt(a, b, *, c=None, out_dtype=None, implementation: str | None = None, interpret: bool = False) -> jax.Array:
   """`d = c + a @ b.T` with 1x128-scaled activations and 128x128-scaled weights.
 
   Args:
@@ -49,16 +57,17 @@ def gemm_nt(a, b, *, c=None, out_dtype=None, implementation: str | None = None) 
     c: optional `[m, n]` float32 added to the product; the output is then float32.
     out_dtype: bfloat16 (the default without c) or float32.
     implementation: a backend name, or None for the platform's best.
+    interpret: run a kernel backend in Mosaic GPU interpret mode (any platform).
 
   Returns:
     `d [m, n]` of `out_dtype`.
   """
   _, out_dtype = validation.check_gemm_nt(a, b, c, out_dtype)
-  return _run("gemm_nt", implementation, a, b, c=c, out_dtype=out_dtype)
+  return _run("gemm_nt", implementation, a, b, c=c, out_dtype=out_dtype, interpret=bool(interpret))
 
 
-def m_grouped_gemm_nt_contiguous(a, b, m_indices, *, out_dtype=None,
-                                 implementation: str | None = None) -> jax.Array:
+def m_grouped_gemm_nt_contiguous(a, b, m_indices, *, out_dtype=None, implementation: str | None = None,
+                                 interpret: bool = False) -> jax.Array:
   """Grouped `d[r] = a[r] @ b[m_indices[r]].T` over DeepGEMM's contiguous layout (MoE prefill and training).
 
   Each group's rows are contiguous and start on a multiple of 128
@@ -74,18 +83,20 @@ def m_grouped_gemm_nt_contiguous(a, b, m_indices, *, out_dtype=None,
     m_indices: `[m_sum]` int32, each row's group in [0, G), or -1 for padding.
     out_dtype: bfloat16 (default) or float32.
     implementation: a backend name, or None for the platform's best.
+    interpret: run a kernel backend in Mosaic GPU interpret mode (any platform).
 
   Returns:
     `d [m_sum, n]` of `out_dtype`.
   """
   dims, out_dtype, m_indices = validation.check_m_grouped_contiguous(a, b, m_indices, out_dtype)
-  d = _run("m_grouped_gemm_nt_contiguous", implementation, a, b, m_indices, out_dtype=out_dtype)
+  d = _run("m_grouped_gemm_nt_contiguous", implementation, a, b, m_indices, out_dtype=out_dtype,
+           interpret=bool(interpret))
   is_padding, broken = layout.contiguous_row_status(m_indices, dims.num_groups)
   return jnp.where(broken[:, None], jnp.nan, jnp.where(is_padding[:, None], 0, d)).astype(out_dtype)
 
 
 def m_grouped_gemm_nt_masked(a, b, masked_m, expected_m: int, *, out_dtype=None,
-                             implementation: str | None = None) -> jax.Array:
+                             implementation: str | None = None, interpret: bool = False) -> jax.Array:
   """Grouped `d[g, r] = a[g, r] @ b[g].T` for the first `masked_m[g]` rows (low-latency decode).
 
   The rest of each group's rows are zero. Under jit, a group whose traced `masked_m` is outside
@@ -98,19 +109,22 @@ def m_grouped_gemm_nt_masked(a, b, masked_m, expected_m: int, *, out_dtype=None,
     expected_m: a static hint of the typical `masked_m`, for kernel tiling.
     out_dtype: bfloat16 (default) or float32.
     implementation: a backend name, or None for the platform's best.
+    interpret: run a kernel backend in Mosaic GPU interpret mode (any platform).
 
   Returns:
     `d [G, m_max, n]` of `out_dtype`.
   """
   dims, out_dtype, masked_m = validation.check_m_grouped_masked(a, b, masked_m, expected_m, out_dtype)
-  d = _run("m_grouped_gemm_nt_masked", implementation, a, b, masked_m, int(expected_m), out_dtype=out_dtype)
+  d = _run("m_grouped_gemm_nt_masked", implementation, a, b, masked_m, int(expected_m), out_dtype=out_dtype,
+           interpret=bool(interpret))
   valid = jnp.arange(dims.m, dtype=jnp.int32)[None, :] < masked_m[:, None]
   broken = (masked_m < 0) | (masked_m > dims.m)  # traced counts that cannot be right
   d = jnp.where(valid[..., None], d, 0)
   return jnp.where(broken[:, None, None], jnp.nan, d).astype(out_dtype)
 
 
-def k_grouped_gemm_tn_contiguous(a, b, ks, *, c=None, implementation: str | None = None) -> jax.Array:
+def k_grouped_gemm_tn_contiguous(a, b, ks, *, c=None, implementation: str | None = None,
+                                 interpret: bool = False) -> jax.Array:
   """Per group g, `d[g] = c[g] + a_g.T @ b_g` in float32: the weight gradients of grouped layers.
 
   `a_g` and `b_g` are the g-th contiguous blocks of `ks[g]` rows; both operands carry one
@@ -124,11 +138,12 @@ def k_grouped_gemm_tn_contiguous(a, b, ks, *, c=None, implementation: str | None
     ks: `[G]` ints (a list, or an int32 array that may be traced), rows per group.
     c: optional `[G, m, n]` float32 added to the product.
     implementation: a backend name, or None for the platform's best.
+    interpret: run a kernel backend in Mosaic GPU interpret mode (any platform).
 
   Returns:
     `d [G, m, n]` float32.
   """
   dims, ks = validation.check_k_grouped(a, b, ks, c)
-  d = _run("k_grouped_gemm_tn_contiguous", implementation, a, b, ks, c=c)
+  d = _run("k_grouped_gemm_tn_contiguous", implementation, a, b, ks, c=c, interpret=bool(interpret))
   broken = jnp.any((ks < 0) | (ks % BLOCK != 0)) | (jnp.sum(ks) > dims.k)  # traced ks only
   return jnp.where(broken, jnp.nan, d)

@@ -5,6 +5,8 @@ f32 result gives a partial product, which is scaled by `sa[m] * sb[n_block, k_bl
 added into an f32 accumulator ("promotion"). The loop over k blocks is a `fori_loop`, so the
 only large buffers are the accumulator and one partial, both the size of the output.
 
+`interpret` is accepted and ignored: this path is plain XLA everywhere.
+
 Arguments arrive checked by `fp8.validation`, and `fp8.api` zeros padding and masked-out rows
 and poisons broken layouts afterwards, the same for every backend; these functions only compute.
 """
@@ -59,7 +61,7 @@ def promoted_matmul(a_fp8, sa, b_fp8, sb_rows) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype",))
-def gemm_nt(a, b, *, c, out_dtype):
+def gemm_nt(a, b, *, c, out_dtype, interpret=False):
   """`d [m, n] = c + a @ b.T`; see `fp8.gemm_nt`."""
   (a_fp8, sa), (b_fp8, sb) = a, b
   d = promoted_matmul(a_fp8, sa, b_fp8, _scales_per_row(sb, b_fp8.shape[0]))
@@ -69,7 +71,7 @@ def gemm_nt(a, b, *, c, out_dtype):
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype",))
-def m_grouped_gemm_nt_contiguous(a, b, m_indices, *, out_dtype):
+def m_grouped_gemm_nt_contiguous(a, b, m_indices, *, out_dtype, interpret=False):
   """Each 128-row block times its group's weights: `d[blk] = a[blk] @ b[m_indices[blk * 128]].T`.
 
   Walks the blocks with `lax.map`, indexing the group's weights in place (never a copy per
@@ -94,7 +96,7 @@ def m_grouped_gemm_nt_contiguous(a, b, m_indices, *, out_dtype):
   return jax.lax.map(one_block, blocks).reshape(m_sum, n)
 
 
-def m_grouped_gemm_nt_masked(a, b, masked_m, expected_m, *, out_dtype):
+def m_grouped_gemm_nt_masked(a, b, masked_m, expected_m, *, out_dtype, interpret=False):
   """`d[g] = a[g] @ b[g].T` for every row; `fp8.api` zeros the rows past `masked_m[g]`."""
   del masked_m, expected_m  # all rows are computed; the hint is for kernels (and not a jit key here)
   return _batched_gemm_nt(a, b, out_dtype=out_dtype)
@@ -107,7 +109,7 @@ def _batched_gemm_nt(a, b, *, out_dtype):
 
 
 @jax.jit
-def k_grouped_gemm_tn_contiguous(a, b, ks, *, c):
+def k_grouped_gemm_tn_contiguous(a, b, ks, *, c, interpret=False):
   """`d[g] = c[g] + a[k_g].T @ b[k_g]` in f32 over each group's block of k rows; rows past sum(ks) are skipped."""
   (a_fp8, sa), (b_fp8, sb) = a, b
   sum_k, m = a_fp8.shape

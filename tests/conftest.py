@@ -33,3 +33,14 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "gpu" in item.keywords:
       item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(autouse=True)
+def _mosaic_gpu_interpreter():
+  """Mosaic GPU interpret mode, with this JAX's interpreter bugs patched (see that module), and its
+  global state reset after every test so one failure cannot leak into the next."""
+  from tests import mosaic_gpu_interpret_patches
+  mosaic_gpu_interpret_patches.apply()
+  yield
+  from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import reset_gpu_interpret_mode_state
+  reset_gpu_interpret_mode_state()

@@ -17,16 +17,37 @@ import numpy as np
 import pytest
 
 import fp8
-from fp8.api import IMPLEMENTATIONS, PLATFORMS
+from fp8.api import IMPLEMENTATIONS, INTERPRETABLE, PLATFORMS
 
 NAN_FP8 = jnp.array(jnp.nan, jnp.float8_e4m3fn)
 
 
 def implementations(*ops: str) -> list:
-  """pytest params: the backends every op in `ops` has; those that cannot run on CPU are marked gpu."""
+  """pytest params: the backends every op in `ops` has. One that runs neither on CPU nor in
+  Mosaic GPU interpret mode is marked gpu."""
   names = sorted(set.intersection(*(set(IMPLEMENTATIONS[op]) for op in ops)))
-  return [pytest.param(name, marks=() if "cpu" in PLATFORMS.get(name, ()) else pytest.mark.gpu)
+  return [pytest.param(name, marks=() if _runs_here(name) or name in INTERPRETABLE else pytest.mark.gpu)
           for name in names]
+
+
+def _runs_here(name: str) -> bool:
+  return jax.default_backend() in PLATFORMS.get(name, ())
+
+
+def interpreted(name: str) -> bool:
+  """Whether the suite runs backend `name` in Mosaic GPU interpret mode here (no native platform)."""
+  return not _runs_here(name) and name in INTERPRETABLE
+
+
+def backend(name: str) -> dict:
+  """Keyword arguments that run backend `name` here: natively, or in interpret mode."""
+  return {"implementation": name, "interpret": interpreted(name)}
+
+
+def skip_if_too_big_to_interpret(name: str, output_elements: int, limit: int = 135_000) -> None:
+  """The interpreter pays about a second per output tile: larger cases run natively on a GPU only."""
+  if interpreted(name) and output_elements > limit:
+    pytest.skip(f"{output_elements} output elements is too many for interpret mode; runs natively on a GPU")
 
 
 class Problem(NamedTuple):

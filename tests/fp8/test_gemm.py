@@ -43,29 +43,32 @@ NORMAL_NK = [(256, 896), (3072, 128), (4096, 128), (896, 2048), (512, 896), (896
 @pytest.mark.parametrize("m", [1, 64, 200])
 @pytest.mark.parametrize("n,k", NORMAL_NK[:2] + NORMAL_NK[3:4])
 def test_gemm_nt_accuracy(implementation, m, n, k):
+  cases.skip_if_too_big_to_interpret(implementation, m * n)
+  if cases.interpreted(implementation) and n * k > 256 * 1024:
+    pytest.skip("k too long for interpret mode; runs natively on a GPU")
   problem = cases.gemm_nt_problem(m * 7 + n, m, n, k)
-  _check(fp8.gemm_nt(*problem.args, implementation=implementation), problem)
+  _check(fp8.gemm_nt(*problem.args, **cases.backend(implementation)), problem)
 
 
 @pytest.mark.parametrize("implementation", _impls("gemm_nt"))
 @pytest.mark.parametrize("n", [64, 192])  # n below one 128 block, and a partial last block
 def test_gemm_nt_partial_weight_blocks(implementation, n):
   problem = cases.gemm_nt_problem(3, 96, n, 384)
-  _check(fp8.gemm_nt(*problem.args, out_dtype=jnp.float32, implementation=implementation), problem,
+  _check(fp8.gemm_nt(*problem.args, out_dtype=jnp.float32, **cases.backend(implementation)), problem,
          out_dtype=jnp.float32)
 
 
 @pytest.mark.parametrize("implementation", _impls("gemm_nt"))
 def test_gemm_nt_adds_c_in_f32(implementation):
   problem = cases.gemm_nt_problem(5, 128, 256, 512, with_c=True)
-  out = fp8.gemm_nt(*problem.args, **problem.kwargs, implementation=implementation)
+  out = fp8.gemm_nt(*problem.args, **problem.kwargs, **cases.backend(implementation))
   _check(out, problem, out_dtype=jnp.float32)
 
 
 @pytest.mark.parametrize("implementation", _impls("gemm_nt"))
 def test_gemm_nt_ue8m0(implementation):
   problem = cases.gemm_nt_problem(6, 128, 256, 768, ue8m0=True)
-  _check(fp8.gemm_nt(*problem.args, implementation=implementation), problem)
+  _check(fp8.gemm_nt(*problem.args, **cases.backend(implementation)), problem)
 
 
 @pytest.mark.parametrize("implementation", _impls("gemm_nt"))
@@ -75,7 +78,7 @@ def test_gemm_nt_applies_each_k_blocks_scales(implementation):
   x = cases.normal(7, (m, k), jnp.float32) * jnp.repeat(jnp.array([1e-6, 1.0, 1e3, 1e-3]), 128)
   w = cases.normal(8, (n, k), jnp.float32) * jnp.repeat(jnp.array([1e4, 1.0, 1e-5, 10.0]), 128)
   a, b = fp8.quantize_per_token(x), fp8.quantize_per_block(w)
-  out = fp8.gemm_nt(a, b, out_dtype=jnp.float32, implementation=implementation)
+  out = fp8.gemm_nt(a, b, out_dtype=jnp.float32, **cases.backend(implementation))
   ref = cases.f64(x) @ cases.f64(w).T
   assert fp8.calc_diff(out, ref) < ACCURACY
 
@@ -83,7 +86,7 @@ def test_gemm_nt_applies_each_k_blocks_scales(implementation):
 @pytest.mark.parametrize("implementation", _impls("gemm_nt"))
 def test_gemm_nt_jit_and_vmap(implementation):
   problems = [cases.gemm_nt_problem(seed, 64, 128, 256) for seed in (10, 20, 30)]
-  gemm = functools.partial(fp8.gemm_nt, out_dtype=jnp.float32, implementation=implementation)
+  gemm = functools.partial(fp8.gemm_nt, out_dtype=jnp.float32, **cases.backend(implementation))
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[p.args for p in problems])
   out = jax.jit(jax.vmap(gemm))(*stacked)
   for i, problem in enumerate(problems):
@@ -94,9 +97,9 @@ def test_gemm_nt_jit_and_vmap(implementation):
 @pytest.mark.parametrize("implementation", _impls("gemm_nt"))
 def test_gemm_nt_empty_m_and_k(implementation):
   problem = cases.gemm_nt_problem(9, 0, 128, 256)
-  assert fp8.gemm_nt(*problem.args, implementation=implementation).shape == (0, 128)
+  assert fp8.gemm_nt(*problem.args, **cases.backend(implementation)).shape == (0, 128)
   problem = cases.gemm_nt_problem(9, 32, 128, 0, with_c=True)
-  out = fp8.gemm_nt(*problem.args, **problem.kwargs, implementation=implementation)
+  out = fp8.gemm_nt(*problem.args, **problem.kwargs, **cases.backend(implementation))
   np.testing.assert_array_equal(np.asarray(out), np.asarray(problem.kwargs["c"]))
 
 
@@ -105,14 +108,14 @@ def test_gemm_nt_empty_m_and_k(implementation):
 def test_grouped_empty_inputs(implementation):
   a = fp8.quantize_per_token(jnp.zeros((0, 256)))
   b = fp8.quantize_per_block(jnp.ones((2, 128, 256)))
-  out = fp8.m_grouped_gemm_nt_contiguous(a, b, jnp.zeros((0,), jnp.int32), implementation=implementation)
+  out = fp8.m_grouped_gemm_nt_contiguous(a, b, jnp.zeros((0,), jnp.int32), **cases.backend(implementation))
   assert out.shape == (0, 128)
   a = fp8.quantize_per_token(jnp.zeros((2, 0, 256)))
-  out = fp8.m_grouped_gemm_nt_masked(a, b, jnp.zeros(2, jnp.int32), 1, implementation=implementation)
+  out = fp8.m_grouped_gemm_nt_masked(a, b, jnp.zeros(2, jnp.int32), 1, **cases.backend(implementation))
   assert out.shape == (2, 0, 128)
   empty_k = fp8.quantize_per_channel(jnp.zeros((0, 64)))
   out = fp8.k_grouped_gemm_tn_contiguous(empty_k, fp8.quantize_per_channel(jnp.zeros((0, 128))), [0],
-                                         implementation=implementation)
+                                         **cases.backend(implementation))
   np.testing.assert_array_equal(np.asarray(out), np.zeros((1, 64, 128)))
 
 
@@ -125,10 +128,10 @@ def test_grouped_under_vmap(implementation):
   stack = lambda problems, n: jax.tree.map(lambda *xs: jnp.stack(xs), *[p.args[:n] for p in problems])
   runs = [
       (contiguous, jax.vmap(functools.partial(fp8.m_grouped_gemm_nt_contiguous, out_dtype=jnp.float32,
-                                              implementation=implementation)), stack(contiguous, 3)),
+                                              **cases.backend(implementation))), stack(contiguous, 3)),
       (masked, jax.vmap(functools.partial(fp8.m_grouped_gemm_nt_masked, expected_m=16, out_dtype=jnp.float32,
-                                          implementation=implementation)), stack(masked, 3)),
-      (k_grouped, jax.vmap(functools.partial(fp8.k_grouped_gemm_tn_contiguous, implementation=implementation)),
+                                          **cases.backend(implementation))), stack(masked, 3)),
+      (k_grouped, jax.vmap(functools.partial(fp8.k_grouped_gemm_tn_contiguous, **cases.backend(implementation))),
        (*stack(k_grouped, 2), jnp.array([p.args[2] for p in k_grouped], jnp.int32))),
   ]
   for problems, mapped, args in runs:
@@ -143,17 +146,19 @@ def test_grouped_under_vmap(implementation):
 @pytest.mark.parametrize("group_sizes,n,k", [
     ([300, 128, 45, 200], 256, 896),  # 4 groups, ragged, DeepGEMM's (4, 8192, 7168, 4096) / 16-32
     ([130, 0, 257, 64, 1, 90, 128, 0], 448, 256),  # 8 groups with two empty ones
+    ([70, 0, 45, 100], 128, 384),  # 4 ragged groups, one empty: small enough to interpret
 ])
 def test_contiguous_accuracy(implementation, group_sizes, n, k):
+  cases.skip_if_too_big_to_interpret(implementation, sum(-(-s // 128) * 128 for s in group_sizes) * n)
   problem = cases.contiguous_problem(sum(group_sizes), group_sizes, n, k)
-  _check(fp8.m_grouped_gemm_nt_contiguous(*problem.args, implementation=implementation), problem)
+  _check(fp8.m_grouped_gemm_nt_contiguous(*problem.args, **cases.backend(implementation)), problem)
 
 
 @pytest.mark.parametrize("implementation", _impls("m_grouped_gemm_nt_contiguous"))
 def test_contiguous_trailing_padding_and_ue8m0(implementation):
   """Two all-padding blocks at the end (a capacity-sized buffer); UE8M0 scales."""
   problem = cases.contiguous_problem(11, [70, 150], 128, 384, m_sum=640, ue8m0=True)
-  out = fp8.m_grouped_gemm_nt_contiguous(*problem.args, out_dtype=jnp.float32, implementation=implementation)
+  out = fp8.m_grouped_gemm_nt_contiguous(*problem.args, out_dtype=jnp.float32, **cases.backend(implementation))
   _check(out, problem, out_dtype=jnp.float32)
   assert not np.asarray(out[384:]).any()
 
@@ -162,14 +167,14 @@ def test_contiguous_trailing_padding_and_ue8m0(implementation):
 def test_contiguous_jit_with_traced_indices(implementation):
   problem = cases.contiguous_problem(12, [100, 0, 140], 192, 256)
   gemm = jax.jit(functools.partial(fp8.m_grouped_gemm_nt_contiguous, out_dtype=jnp.float32,
-                                   implementation=implementation))
+                                   **cases.backend(implementation)))
   _check(gemm(*problem.args), problem, out_dtype=jnp.float32)
 
 
 @pytest.mark.parametrize("implementation", _impls("m_grouped_gemm_nt_contiguous"))
 def test_contiguous_broken_layout_under_jit_is_nan(implementation):
   a, b, m_indices = cases.contiguous_problem(13, [128, 128], 128, 128).args
-  gemm = jax.jit(functools.partial(fp8.m_grouped_gemm_nt_contiguous, implementation=implementation))
+  gemm = jax.jit(functools.partial(fp8.m_grouped_gemm_nt_contiguous, **cases.backend(implementation)))
   out = np.asarray(gemm(a, b, m_indices.at[3].set(1)), np.float32)  # row 3 strays into group 1
   assert np.isnan(out[:128]).any() and not np.isnan(out[128:]).any()
   out = np.asarray(gemm(a, b, m_indices.at[200].set(7)), np.float32)  # no group 7
@@ -185,8 +190,9 @@ def test_contiguous_broken_layout_under_jit_is_nan(implementation):
     ([0, 0], 32, 128, 128),
 ])
 def test_masked_accuracy(implementation, masked_m, m_max, n, k):
+  cases.skip_if_too_big_to_interpret(implementation, len(masked_m) * m_max * n)
   problem = cases.masked_problem(len(masked_m) + m_max, masked_m, m_max, n, k)
-  _check(fp8.m_grouped_gemm_nt_masked(*problem.args, implementation=implementation), problem)
+  _check(fp8.m_grouped_gemm_nt_masked(*problem.args, **cases.backend(implementation)), problem)
 
 
 @pytest.mark.parametrize("implementation", _impls("m_grouped_gemm_nt_masked"))
@@ -194,7 +200,7 @@ def test_masked_jit_ue8m0_and_broken_counts(implementation):
   problem = cases.masked_problem(14, [3, 60, 0], 64, 192, 384, ue8m0=True)
   a, b, masked_m, expected_m = problem.args
   gemm = jax.jit(functools.partial(fp8.m_grouped_gemm_nt_masked, expected_m=expected_m,
-                                   out_dtype=jnp.float32, implementation=implementation))
+                                   out_dtype=jnp.float32, **cases.backend(implementation)))
   _check(gemm(a, b, masked_m), problem, out_dtype=jnp.float32)
   out = np.asarray(gemm(a, b, masked_m.at[1].set(65)))  # more rows than the buffer holds
   assert np.isnan(out[1]).all() and not np.isnan(out[[0, 2]]).any()
@@ -207,10 +213,12 @@ def test_masked_jit_ue8m0_and_broken_counts(implementation):
     ([512, 512, 256, 768], 448, 128),  # DeepGEMM's (4, 7168, 2048, 8192) / 16
     ([256, 0, 384], 256, 448),  # one k equal to 0
     ([128], 64, 64),
+    ([256, 0, 128, 384], 128, 128),  # 4 groups, one empty: small enough to interpret
 ])
 def test_k_grouped_accuracy(implementation, ks, m, n):
+  cases.skip_if_too_big_to_interpret(implementation, len(ks) * m * n)
   problem = cases.k_grouped_problem(sum(ks) + m, ks, m, n)
-  out = fp8.k_grouped_gemm_tn_contiguous(*problem.args, implementation=implementation)
+  out = fp8.k_grouped_gemm_tn_contiguous(*problem.args, **cases.backend(implementation))
   _check(out, problem, out_dtype=jnp.float32)
   assert not np.asarray(out)[np.asarray(ks) == 0].any()
 
@@ -218,7 +226,7 @@ def test_k_grouped_accuracy(implementation, ks, m, n):
 @pytest.mark.parametrize("implementation", _impls("k_grouped_gemm_tn_contiguous"))
 def test_k_grouped_c_padding_rows_and_ue8m0(implementation):
   problem = cases.k_grouped_problem(15, [128, 256], 192, 128, sum_k=640, with_c=True, ue8m0=True)
-  out = fp8.k_grouped_gemm_tn_contiguous(*problem.args, **problem.kwargs, implementation=implementation)
+  out = fp8.k_grouped_gemm_tn_contiguous(*problem.args, **problem.kwargs, **cases.backend(implementation))
   _check(out, problem, out_dtype=jnp.float32)
 
 
@@ -226,7 +234,7 @@ def test_k_grouped_c_padding_rows_and_ue8m0(implementation):
 def test_k_grouped_jit_with_traced_ks(implementation):
   problem = cases.k_grouped_problem(16, [384, 0, 128], 128, 192, sum_k=640)
   a, b, ks = problem.args
-  gemm = jax.jit(functools.partial(fp8.k_grouped_gemm_tn_contiguous, implementation=implementation))
+  gemm = jax.jit(functools.partial(fp8.k_grouped_gemm_tn_contiguous, **cases.backend(implementation)))
   _check(gemm(a, b, jnp.array(ks, jnp.int32)), problem, out_dtype=jnp.float32)
   assert np.isnan(np.asarray(gemm(a, b, jnp.array([100, 0, 128], jnp.int32)))).all()  # not a multiple of 128
 
@@ -240,7 +248,7 @@ def test_k_grouped_jit_with_traced_ks(implementation):
                                  (7168, 2048)])
 def test_gemm_nt_deepgemm_shapes(implementation, m, n, k):
   problem = cases.gemm_nt_problem(m + n + k, m, n, k)
-  _check(fp8.gemm_nt(*problem.args, implementation=implementation), problem)
+  _check(fp8.gemm_nt(*problem.args, **cases.backend(implementation)), problem)
 
 
 @pytest.mark.gpu
@@ -250,7 +258,7 @@ def test_gemm_nt_deepgemm_shapes(implementation, m, n, k):
 def test_contiguous_deepgemm_shapes(implementation, groups, m, k, n):
   sizes = list(np.random.default_rng(groups + m).integers(int(0.7 * m), int(1.3 * m), groups))
   problem = cases.contiguous_problem(groups + n, sizes, n, k)
-  _check(fp8.m_grouped_gemm_nt_contiguous(*problem.args, implementation=implementation), problem)
+  _check(fp8.m_grouped_gemm_nt_contiguous(*problem.args, **cases.backend(implementation)), problem)
 
 
 @pytest.mark.gpu
@@ -260,7 +268,7 @@ def test_contiguous_deepgemm_shapes(implementation, groups, m, k, n):
 def test_masked_deepgemm_shapes(implementation, groups, m_max, k, n):
   masked_m = list(np.random.default_rng(groups).integers(64, 385, groups).clip(max=m_max))
   problem = cases.masked_problem(groups + k, masked_m, m_max, n, k)
-  _check(fp8.m_grouped_gemm_nt_masked(*problem.args, implementation=implementation), problem)
+  _check(fp8.m_grouped_gemm_nt_masked(*problem.args, **cases.backend(implementation)), problem)
 
 
 @pytest.mark.gpu
@@ -271,5 +279,5 @@ def test_k_grouped_deepgemm_shapes(implementation, groups, m, n, k_per_group):
   ks = [k_per_group] * groups
   ks[1] = 0  # as DeepGEMM's generator may
   problem = cases.k_grouped_problem(groups + m, ks, m, n)
-  out = fp8.k_grouped_gemm_tn_contiguous(*problem.args, implementation=implementation)
+  out = fp8.k_grouped_gemm_tn_contiguous(*problem.args, **cases.backend(implementation))
   _check(out, problem, out_dtype=jnp.float32)
