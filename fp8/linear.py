@@ -30,49 +30,52 @@ def _round_up(size: int) -> int:
   return -(-size // BLOCK) * BLOCK
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _linear_2d(x, w, ue8m0, implementation):
-  y, _ = _linear_fwd(x, w, ue8m0, implementation)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _linear_2d(x, w, ue8m0, implementation, interpret):
+  y, _ = _linear_fwd(x, w, ue8m0, implementation, interpret)
   return y
 
 
-def _linear_fwd(x, w, ue8m0, implementation):
+def _linear_fwd(x, w, ue8m0, implementation, interpret):
   (m, k_in), n_out = x.shape, w.shape[0]
   k_pad, n_pad, m_pad = _round_up(k_in), _round_up(n_out), _round_up(m)
   x_pad = _pad(x, m, k_pad)
   w_q = quantize_per_block(_pad(w, n_pad, k_pad), ue8m0=ue8m0)
   y = api.gemm_nt(quantize_per_token(x_pad, ue8m0=ue8m0), w_q, out_dtype=jnp.float32,
-                  implementation=implementation)
+                  implementation=implementation, interpret=interpret)
   x_channel = quantize_per_channel(_pad(x_pad, m_pad, k_pad), ue8m0=ue8m0)
   # Empty arrays carry x's and w's dtypes and k_in to the backward; dy brings m and n_out.
   residuals = (w_q, x_channel, jnp.zeros((0, k_in), x.dtype), jnp.zeros((0,), w.dtype))
   return y[:, :n_out].astype(x.dtype), residuals
 
 
-def _linear_bwd(ue8m0, implementation, residuals, dy):
+def _linear_bwd(ue8m0, implementation, interpret, residuals, dy):
   (w_fp8, w_scale), x_channel, x_like, w_like = residuals
   (m, n_out), k_in = dy.shape, x_like.shape[1]
   k_pad, n_pad, m_pad = w_fp8.shape[1], w_fp8.shape[0], x_channel[0].shape[0]
   dy_pad = _pad(dy.astype(jnp.float32), m, n_pad)
   w_t = (w_fp8.T, w_scale.T)  # [k_pad, n_pad] with [k_pad/128, n_pad/128] scales: same quantization
   dx = api.gemm_nt(quantize_per_token(dy_pad, ue8m0=ue8m0), w_t, out_dtype=jnp.float32,
-                   implementation=implementation)
+                   implementation=implementation, interpret=interpret)
   dy_channel = quantize_per_channel(_pad(dy_pad, m_pad, n_pad), ue8m0=ue8m0)
-  dw = api.k_grouped_gemm_tn_contiguous(dy_channel, x_channel, [m_pad], implementation=implementation)[0]
+  dw = api.k_grouped_gemm_tn_contiguous(dy_channel, x_channel, [m_pad], implementation=implementation,
+                                        interpret=interpret)[0]
   return dx[:, :k_in].astype(x_like.dtype), dw[:n_out, :k_in].astype(w_like.dtype)
 
 
 _linear_2d.defvjp(_linear_fwd, _linear_bwd)
 
 
-def linear(x, w, *, ue8m0: bool = False, implementation: str | None = None) -> jax.Array:
+def linear(x, w, *, ue8m0: bool = False, implementation: str | None = None, interpret: bool = False) -> jax.Array:
   """`y = x @ w.T` in FP8, forward and backward (DeepSeek-V3's recipe); differentiable.
 
   Args:
     x: `[..., in_features]` bfloat16 or float32 activations.
     w: `[out_features, in_features]` bfloat16 or float32 weights (PyTorch/HF layout).
     ue8m0: round every scale up to a power of two.
-    implementation: the GEMM backend, or None for the platform's best.
+    implementation: the GEMM backend, or None for the platform's best (the Hopper kernels on
+      sm90, else XLA).
+    interpret: run a kernel backend in Mosaic GPU interpret mode (any platform).
 
   Returns:
     `y [..., out_features]` in x's dtype. Gradients come back in x's and w's dtypes.
@@ -91,7 +94,7 @@ def linear(x, w, *, ue8m0: bool = False, implementation: str | None = None) -> j
     raise ValueError(f"implementation={implementation!r} is not available for {missing[0]}, which the "
                      "linear layer's backward needs; choose one both GEMMs have, or None")
   lead = x.shape[:-1]
-  y = _linear_2d(x.reshape(-1, x.shape[-1]), w, bool(ue8m0), implementation)
+  y = _linear_2d(x.reshape(-1, x.shape[-1]), w, bool(ue8m0), implementation, bool(interpret))
   return y.reshape(*lead, w.shape[0])
 
 
@@ -102,7 +105,8 @@ class Linear(nnx.Module):
   """
 
   def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs, use_bias: bool = False,
-               param_dtype=jnp.float32, ue8m0: bool = False, implementation: str | None = None):
+               param_dtype=jnp.float32, ue8m0: bool = False, implementation: str | None = None,
+               interpret: bool = False):
     for name, value in (("in_features", in_features), ("out_features", out_features)):
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -111,10 +115,11 @@ class Linear(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
     self.ue8m0 = ue8m0
     self.implementation = implementation
+    self.interpret = interpret
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """`x [..., in_features]` -> `[..., out_features]` in x's dtype."""
-    y = linear(x, self.weight[...], ue8m0=self.ue8m0, implementation=self.implementation)
+    y = linear(x, self.weight[...], ue8m0=self.ue8m0, implementation=self.implementation, interpret=self.interpret)
     if self.bias is not None:
       y = y + self.bias[...].astype(y.dtype)
     return y

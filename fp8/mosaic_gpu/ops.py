@@ -9,6 +9,9 @@ and masked-out rows (which the kernel leaves unwritten) and poisons broken trace
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import jax
 import jax.numpy as jnp
 
@@ -16,12 +19,28 @@ from fp8.mosaic_gpu import config as configs
 from fp8.mosaic_gpu.kernel import expand_block_scales, promoted_gemm
 
 _SM90 = "9.0"
+_target = threading.local()
+
+
+@contextlib.contextmanager
+def compile_for(device_kind: str = "NVIDIA H200", num_sms: int = configs.DEFAULT_NUM_SMS):
+  """Builds the kernels for this sm90 device instead of the local one, inside the block: for
+  lowering ahead of time on a host without the GPU, e.g.
+  `jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))`."""
+  previous = getattr(_target, "device", None)
+  _target.device = (device_kind, num_sms)
+  try:
+    yield
+  finally:
+    _target.device = previous
 
 
 def _device(interpret: bool) -> tuple[str | None, int]:
   """(device kind, SM count) of the GPU the kernel compiles for; refuses anything but sm90."""
   if interpret:
     return None, configs.INTERPRET_NUM_SMS
+  if getattr(_target, "device", None) is not None:
+    return _target.device
   device = jax.devices()[0]
   if device.platform != "gpu" or getattr(device, "compute_capability", None) != _SM90:
     raise NotImplementedError(f"the mosaic_gpu FP8 kernels need an sm90 (Hopper) GPU, not {device.device_kind}; "
