@@ -17,3 +17,17 @@ def test_each_suite_is_a_program(suite):
                           text=True, timeout=120)
   # absl exits 1 after printing help; what matters is that the flags were defined and printed.
   assert "flags:" in result.stdout and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def test_the_gpu_suite_is_a_program_that_refuses_a_cpu_host():
+  help_run = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--helpshort"], capture_output=True, text=True,
+                            timeout=120)
+  assert "--suites" in help_run.stdout and "Traceback" not in help_run.stderr, help_run.stderr[-2000:]
+  from benchmarks import gpu
+  assert set(gpu.SUITES) == {"fp8"}
+  import jax
+  if jax.default_backend() == "gpu":
+    return
+  run = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--skip_tests"], capture_output=True, text=True,
+                       timeout=120)
+  assert run.returncode == 2 and "needs a GPU" in run.stderr
