@@ -102,3 +102,19 @@ def test_bad_configs_are_refused(kwargs, match):
     configs.Config(**kwargs)
   with pytest.raises(ValueError, match="n must be"):
     configs.heuristic(64, 100)
+
+
+def test_under_shard_map_on_8_devices():
+  """Each device runs the kernel on its rows (the expert-parallel layer will); the interpreter needs
+  its barrier patch for this (tests/mosaic_gpu_interpret_patches.py)."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+  mesh = jax.make_mesh((8,), ("x",))
+  problem = cases.gemm_nt_problem(6, 8 * 64, 128, 256)
+  (a_fp8, sa), (b_fp8, sb) = problem.args
+  put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+  gemm = jax.shard_map(lambda a8, sa, b8, sb: fp8.gemm_nt((a8, sa), (b8, sb), out_dtype=jnp.float32,
+                                                          implementation="mosaic_gpu", interpret=True),
+                       mesh=mesh, in_specs=(P("x"), P("x"), P(), P()), out_specs=P("x"), check_vma=False)
+  out = jax.jit(gemm)(put(a_fp8, P("x")), put(sa, P("x")), put(b_fp8, P()), put(sb, P()))
+  assert fp8.calc_diff(cases.f64(out), problem.exact) < 1e-6
