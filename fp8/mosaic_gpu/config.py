@@ -107,6 +107,15 @@ TUNED: dict[str, dict[tuple[str, int, int, int], Config]] = {}
 
 
 def choose(kernel: str, m: int, n: int, k: int, *, device_kind: str | None, **heuristic_args) -> Config:
-  """`TUNED[device_kind][(kernel, m, n, k)]` if measured, else `heuristic(m, n, ...)`."""
+  """`TUNED[device_kind][(kernel, m, n, k)]` if measured, else `heuristic(m, n, ...)`.
+
+  Raises:
+    ValueError: a tuned entry that cannot tile this problem (it would leave columns unwritten).
+  """
   tuned = TUNED.get(device_kind or "", {}).get((kernel, m, n, k))
-  return tuned if tuned is not None else heuristic(m, n, **heuristic_args)
+  if tuned is None:
+    return heuristic(m, n, **heuristic_args)
+  if n % tuned.block_n or (heuristic_args.get("contiguous") and tuned.block_m != 128):
+    raise ValueError(f"TUNED[{device_kind!r}][{(kernel, m, n, k)}] = {tuned} cannot tile n={n}"
+                     f"{' in the 128-row contiguous layout' if heuristic_args.get('contiguous') else ''}")
+  return tuned

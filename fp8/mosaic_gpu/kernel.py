@@ -73,17 +73,47 @@ def promoted_gemm(a, sa, b, sb, tiles, num_tiles, c, *, out_rows: int, out_dtype
   operand_transforms = _swizzled(BLOCK_K, 1)
   out_transforms = _swizzled(block_n * out_bytes, out_bytes)
 
+  def pipeline(body, consumer, steps, first_kb):
+    return plgpu.emit_pipeline_warp_specialized(
+        body,
+        grid=(steps,),
+        memory_registers=_MEMORY_REGISTERS,
+        wg_axis="wg",
+        num_compute_wgs=warpgroups,
+        max_concurrent_steps=config.stages,
+        compute_context=consumer,
+        in_specs=[
+            plgpu.BlockSpec((block_m, BLOCK_K), lambda kb: (0, first_kb + kb), transforms=operand_transforms),
+            plgpu.BlockSpec((block_n, BLOCK_K), lambda kb: (0, first_kb + kb), transforms=operand_transforms),
+            plgpu.BlockSpec((1, block_m), lambda kb: (first_kb + kb, 0)),
+            plgpu.BlockSpec((1, block_n), lambda kb: (first_kb + kb, 0)),
+        ],
+    )
+
+  def operand_tiles(a_ref, b_ref, sa_ref, sb_ref, rows, group, cols):
+    return a_ref.at[rows], b_ref.at[group, cols], sa_ref.at[:, rows], sb_ref.at[group, :, cols]
+
   def kernel(a_ref, sa_ref, b_ref, sb_ref, tiles_ref, count_ref, *refs):
+    # The ring is allocated once, outside the tile loop, so that moving to the next tile costs
+    # no CTA-wide barrier for a fresh allocation (only the ring's own synchronisation).
+    ignore = lambda *_, **__: None
+    first = operand_tiles(a_ref, b_ref, sa_ref, sb_ref, pl.ds(0, block_m), 0, pl.ds(0, block_n))
+    ring = pipeline(ignore, ignore, k_blocks or config.stages, 0).get_allocations(*first)
+    pl.run_scoped(functools.partial(tile_loop, a_ref, sa_ref, b_ref, sb_ref, tiles_ref, count_ref, refs),
+                  ring, collective_axes="wg")
+
+  def tile_loop(a_ref, sa_ref, b_ref, sb_ref, tiles_ref, count_ref, refs, ring):
     if c is None:
       c_ref, (out_ref, out_smem), c_barrier = None, refs, None
     else:
       c_ref, out_ref, out_smem, c_barrier = refs
     wg = lax.axis_index("wg")
     my_rows = pl.ds(wg * ROWS_PER_WARPGROUP, ROWS_PER_WARPGROUP)
+    count = count_ref[0]
 
-    @plgpu.nd_loop((count_ref[0] * n_blocks,), collective_axes="sm")
+    @plgpu.nd_loop((count * n_blocks,), collective_axes="sm")
     def _tile(info):
-      tile, n_block = plgpu.planar_snake(info.index[0], (count_ref[0], n_blocks), 1, config.grid_tile_width)
+      tile, n_block = plgpu.planar_snake(info.index[0], (count, n_blocks), 1, config.grid_tile_width)
       a_row0, out_row0, group = tiles_ref[tile, 0], tiles_ref[tile, 1], tiles_ref[tile, 2]
       first_kb = tiles_ref[tile, 3]
       steps = k_blocks if k_blocks is not None else tiles_ref[tile, 4]
@@ -106,32 +136,20 @@ def promoted_gemm(a, sa, b, sb, tiles, num_tiles, c, *, out_rows: int, out_dtype
         plgpu.copy_smem_to_gmem(out_smem.at[wg], out_tile)
 
       def k_block(_, a_smem, b_smem, sa_smem, sb_smem, acc):
+        # The scales are read first: their shared-memory latency hides under the wgmma.
+        row_scale = plgpu.load(sa_smem.at[0, my_rows], (), layout=plgpu.Layout.WGMMA.reduce(1))
+        col_scale = plgpu.load(sb_smem.at[0], (), layout=plgpu.Layout.WGMMA.reduce(0))
+
         def mma(partial_ref):
           # fp8 wgmma wants both operands K-major: B is fed as the transpose of its (n, k) tile.
           plgpu.wgmma(partial_ref, a_smem.at[my_rows], plgpu.transpose_ref(b_smem, (1, 0)))
-          plgpu.wgmma_wait(0)
-          return partial_ref[...]
+          return partial_ref[...]  # waits for the wgmma
         partial = pl.run_scoped(mma, plgpu.ACC((ROWS_PER_WARPGROUP, block_n), jnp.float32))
-        row_scale = plgpu.load(sa_smem.at[0, my_rows], (), layout=plgpu.Layout.WGMMA.reduce(1))
-        col_scale = plgpu.load(sb_smem.at[0], (), layout=plgpu.Layout.WGMMA.reduce(0))
         scale = lax.broadcast_in_dim(row_scale, partial.shape, [0]) * lax.broadcast_in_dim(col_scale, partial.shape, [1])
         return acc + partial * scale
 
-      plgpu.emit_pipeline_warp_specialized(
-          k_block,
-          grid=(steps,),
-          memory_registers=_MEMORY_REGISTERS,
-          wg_axis="wg",
-          num_compute_wgs=warpgroups,
-          max_concurrent_steps=config.stages,
-          compute_context=consumer,
-          in_specs=[
-              plgpu.BlockSpec((block_m, BLOCK_K), lambda kb: (0, first_kb + kb), transforms=operand_transforms),
-              plgpu.BlockSpec((block_n, BLOCK_K), lambda kb: (0, first_kb + kb), transforms=operand_transforms),
-              plgpu.BlockSpec((1, block_m), lambda kb: (first_kb + kb, 0)),
-              plgpu.BlockSpec((1, block_n), lambda kb: (first_kb + kb, 0)),
-          ],
-      )(a_ref.at[rows], b_ref.at[group, cols], sa_ref.at[:, rows], sb_ref.at[group, :, cols])
+      pipeline(k_block, consumer, steps, first_kb)(
+          *operand_tiles(a_ref, b_ref, sa_ref, sb_ref, rows, group, cols), allocations=ring)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 

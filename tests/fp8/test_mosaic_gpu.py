@@ -90,6 +90,13 @@ def test_a_measured_config_overrides_the_heuristic(monkeypatch):
   monkeypatch.setitem(configs.TUNED, "NVIDIA H200", {("gemm_nt", 4096, 7168, 2048): tuned})
   assert configs.choose("gemm_nt", 4096, 7168, 2048, device_kind="NVIDIA H200") == tuned
   assert configs.choose("gemm_nt", 4096, 7168, 2048, device_kind="NVIDIA H100") == configs.heuristic(4096, 7168)
+  wrong = configs.Config(block_m=64, block_n=128, stages=3)
+  monkeypatch.setitem(configs.TUNED, "NVIDIA H200", {("gemm_nt", 64, 2112, 7168): wrong,
+                                                     ("m_grouped_gemm_nt_contiguous", 64, 4096, 7168): wrong})
+  with pytest.raises(ValueError, match="cannot tile n=2112"):  # 2112 columns are no whole number of 128s
+    configs.choose("gemm_nt", 64, 2112, 7168, device_kind="NVIDIA H200")
+  with pytest.raises(ValueError, match="contiguous"):
+    configs.choose("m_grouped_gemm_nt_contiguous", 64, 4096, 7168, device_kind="NVIDIA H200", contiguous=True)
 
 
 @pytest.mark.parametrize("kwargs, match", [
