@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from fp8.mosaic_gpu import interpret as interpret_mode
+from backends import mosaic_interpret as interpret_mode
 from fp8.mosaic_gpu.config import BLOCK_K, ROWS_PER_WARPGROUP, Config
 
 TILE_FIELDS = 5  # a_row0, out_row0, group, first k block, number of k blocks

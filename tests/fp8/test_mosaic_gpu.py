@@ -19,7 +19,7 @@ import pytest
 
 import fp8
 from fp8.mosaic_gpu import config as configs
-from fp8.mosaic_gpu import interpret as interpret_mode
+from backends import mosaic_interpret as interpret_mode
 from fp8.mosaic_gpu.ops import compile_for
 from tests.fp8 import cases
 

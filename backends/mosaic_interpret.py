@@ -1,4 +1,4 @@
-"""Mosaic GPU interpret mode: the one place that imports its (not yet public) parameters class.
+"""Mosaic GPU interpret mode for every kernel package: the one place that imports its (not yet public) parameters class.
 
 In JAX 0.10.x `InterpretGPUParams` lives under `jax._src`; when a later JAX exports it, only the
 import below changes. Interpret mode runs a kernel's exact code on any backend (CPU included),
