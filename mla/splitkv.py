@@ -23,11 +23,13 @@ from mla.combine import combine_splits
 from mla.fp8_cache import unpack
 
 
-@functools.partial(jax.jit, static_argnames=("head_dim_v", "causal", "is_fp8_kvcache"))
+@functools.partial(jax.jit, static_argnames=("head_dim_v", "causal", "is_fp8_kvcache", "interpret"))
 def flash_mla_splitkv(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, *,
                       head_dim_v: int, softmax_scale: float, causal: bool,
-                      is_fp8_kvcache: bool) -> tuple[jax.Array, jax.Array]:
-  """Split-KV decode; arguments as `mla.flash_mla_with_kvcache` (checked there)."""
+                      is_fp8_kvcache: bool, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Split-KV decode; arguments as `mla.flash_mla_with_kvcache` (checked there); `interpret` is
+  ignored (this path is plain XLA everywhere)."""
+  del interpret
   batch, seq_q, heads_q, dim_qk = q.shape
   num_pages, page_size, heads_k, _ = k_cache.shape
   group = heads_q // heads_k

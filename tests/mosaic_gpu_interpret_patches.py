@@ -5,6 +5,8 @@
    "'TransposeTransform' object has no attribute 'indices'". The replacement reads each operand
    through its non-transpose transforms and transposes the numpy value (and multiplies in
    float32: numpy's float8 matmul is an element-wise loop that made each tile take seconds).
+   It also takes A from registers (the interpreter passes the values in place of a shared-memory
+   key), which the original does not.
 2. A kernel that allocates barriers hangs under `shard_map` on more than one device: the
    end-of-kernel "no barrier remains allocated" check is global over the simulated devices.
 3. `plgpu.load(ref, idx, layout=...)` (how a kernel reads a 64-row scale vector straight into
@@ -61,7 +63,10 @@ def apply() -> bool:
                                               logging_info=logging_info)
       return value if permutation is None else np.transpose(value, permutation)
 
-    a = operand(a_allocation_key_as_array, a_transforms)
+    if np.ndim(a_allocation_key_as_array) == 2:  # A from registers (P in attention's P.V): its values
+      a = np.asarray(a_allocation_key_as_array)
+    else:
+      a = operand(a_allocation_key_as_array, a_transforms)
     b = operand(b_allocation_key_as_array, b_transforms)
     acc_key = gpu_callbacks.HostAllocationKey.from_array(acc_allocation_key_as_array)
     acc_range = interpret_utils.to_range(jax.tree.map(int, gpu_callbacks._remove_noop_transforms(acc_transforms)))

@@ -42,8 +42,12 @@ def _swizzled(minor_bytes: int, itemsize: int) -> tuple:
   return plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
+# Jitted with everything that shapes the kernel static: an eager call traces it once per problem
+# shape and config, and a config built for another device (`ops.compile_for`) is another entry.
+@functools.partial(jax.jit, static_argnames=("out_rows", "out_dtype", "config", "k_blocks", "interpret",
+                                             "detect_races"))
 def promoted_gemm(a, sa, b, sb, tiles, num_tiles, c, *, out_rows: int, out_dtype, config: Config,
-                  k_blocks: int | None, interpret: bool) -> jax.Array:
+                  k_blocks: int | None, interpret: bool, detect_races: bool = False) -> jax.Array:
   """Runs the tile list.
 
   Args:
@@ -60,6 +64,7 @@ def promoted_gemm(a, sa, b, sb, tiles, num_tiles, c, *, out_rows: int, out_dtype
     config: tiling.
     k_blocks: the k block count when every tile sums all of k (a static pipeline), else None.
     interpret: run in Mosaic GPU interpret mode (any backend) instead of compiling for sm90.
+    detect_races: with interpret, have the interpreter look for races.
 
   Returns:
     `[out_rows, n]` of out_dtype.
@@ -164,7 +169,7 @@ def promoted_gemm(a, sa, b, sb, tiles, num_tiles, c, *, out_rows: int, out_dtype
       num_threads=warpgroups + 1,
       thread_name="wg",
       scratch_types=scratch,
-      interpret=interpret_mode.params(interpret, detect_races=interpret_mode.DETECT_RACES),
+      interpret=interpret_mode.params(interpret, detect_races=detect_races),
   )
   args = (a, sa, b, sb, tiles, num_tiles) + (() if c is None else (c,))
   return call(*args)

@@ -15,6 +15,7 @@ import threading
 import jax
 import jax.numpy as jnp
 
+from backends import mosaic_interpret
 from fp8.mosaic_gpu import config as configs
 from fp8.mosaic_gpu.kernel import expand_block_scales, promoted_gemm
 
@@ -87,7 +88,7 @@ def gemm_nt(a, b, *, c=None, out_dtype=jnp.bfloat16, interpret: bool = False) ->
   out = promoted_gemm(_pad_rows(a_fp8, rows), _pad_rows(sa, rows).T, b_fp8[None], expand_block_scales(sb, n)[None],
                       tiles, jnp.array([tiles.shape[0]], jnp.int32), None if c is None else _pad_rows(c, rows),
                       out_rows=rows, out_dtype=out_dtype, config=cfg, k_blocks=k // configs.BLOCK_K,
-                      interpret=interpret)
+                      interpret=interpret, detect_races=mosaic_interpret.DETECT_RACES)
   return out[:m]
 
 
@@ -105,7 +106,7 @@ def m_grouped_gemm_nt_contiguous(a, b, m_indices, *, out_dtype=jnp.bfloat16, int
   tiles, count = _compact(_full_k_tiles(starts, jnp.clip(block_group, 0, groups - 1), k // configs.BLOCK_K),
                           (block_group >= 0) & (block_group < groups))
   return promoted_gemm(a_fp8, sa.T, b_fp8, expand_block_scales(sb, n), tiles, count, None, out_rows=m_sum,
-                       out_dtype=out_dtype, config=cfg, k_blocks=k // configs.BLOCK_K, interpret=interpret)
+                       out_dtype=out_dtype, config=cfg, k_blocks=k // configs.BLOCK_K, interpret=interpret, detect_races=mosaic_interpret.DETECT_RACES)
 
 
 def m_grouped_gemm_nt_masked(a, b, masked_m, expected_m: int, *, out_dtype=jnp.bfloat16,
@@ -128,7 +129,7 @@ def m_grouped_gemm_nt_masked(a, b, masked_m, expected_m: int, *, out_dtype=jnp.b
   tiles, count = _compact(_full_k_tiles(group * rows + within, group, k // configs.BLOCK_K), within < valid_rows)
   out = promoted_gemm(a_rows, sa_rows.T, b_fp8, expand_block_scales(sb, n), tiles, count, None,
                       out_rows=groups * rows, out_dtype=out_dtype, config=cfg, k_blocks=k // configs.BLOCK_K,
-                      interpret=interpret)
+                      interpret=interpret, detect_races=mosaic_interpret.DETECT_RACES)
   return out.reshape(groups, rows, n)[:, :m_max]
 
 
@@ -161,6 +162,6 @@ def k_grouped_gemm_tn_contiguous(a, b, ks, *, c=None, interpret: bool = False) -
   c_rows = None if c is None else _pad_rows(c.astype(jnp.float32), rows, axis=1).reshape(groups * rows, n)
   out = promoted_gemm(_pad_rows(a_fp8.T, rows), _pad_rows(sa, rows, axis=1), b_fp8.T[None], sb[None], tiles, count,
                       c_rows, out_rows=groups * rows, out_dtype=jnp.float32, config=cfg, k_blocks=None,
-                      interpret=interpret)
+                      interpret=interpret, detect_races=mosaic_interpret.DETECT_RACES)
   out = out.reshape(groups, rows, n)[:, :m]
   return jnp.where((blocks > 0)[:, None, None], out, zeros)  # empty groups: no tile wrote them

@@ -1,0 +1,235 @@
+"""The `"mosaic_gpu"` implementation of `flash_mla_with_kvcache`: FlashMLA's decode kernel in Pallas Mosaic GPU.
+
+Work split, as FlashMLA's: the query rows that share a KV head (MTP tokens x heads per KV head)
+are folded into 64-row M tiles; the grid is (M tiles, h_kv, num_sm_parts), and each CTA walks
+the pieces its partition of `tile_scheduler_metadata` names: a run of 64-token pages of one
+request. Per page:
+1. the producer warpgroup TMA-loads the page's 64 x 576 latent tile (looked up in the block
+   table) into a shared-memory ring;
+2. each of two consumer warpgroups computes QK^T with bf16 wgmma (Q stays in shared memory);
+3. an online softmax in registers, in base 2, masks positions past the length (and, for causal
+   MTP, past each token's own position);
+4. P.V with V = the first 512 columns of the same tile (no second load): the two consumers
+   split V's columns, 256 each (FlashMLA's two-warpgroup split of the output).
+A page past the length is never read; the part of the last page past it is zeroed in shared
+memory before P.V (a cache may hold anything there, NaN included).
+
+Every piece writes an f32 partial output and log-sum-exp (`o_accum`, `lse_accum`) into its
+slot; `mla.combine.combine_splits` merges each request's slots (FlashMLA's combine math), so a
+request of length 0 gets out = 0 and lse = +inf. The FP8 cache is not supported by this kernel
+yet (NotImplementedError, so `implementation=None` falls back to xla).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from backends import mosaic_interpret
+from mla import metadata as meta
+from mla.combine import combine_splits
+
+ROWS = 64  # query rows per M tile and per consumer warpgroup
+V_PART = 128  # output columns per P.V wgmma: accumulator and partial stay within the register file
+PAGE = meta.PAGE_SIZE
+SMEM_BYTES = 232448
+_LOG2E = math.log2(math.e)
+_MEMORY_REGISTERS = 40
+_SM90 = "9.0"
+
+
+def _check_device(interpret: bool) -> None:
+  if interpret:
+    return
+  device = jax.devices()[0]
+  if device.platform != "gpu" or getattr(device, "compute_capability", None) != _SM90:
+    raise NotImplementedError(f"the mosaic_gpu MLA kernel needs an sm90 (Hopper) GPU, not {device.device_kind}; "
+                              "pass interpret=True to run its code in Mosaic GPU interpret mode")
+
+
+def _stages_and_chunk(dim_qk: int, dim_v: int, itemsize: int) -> tuple[int, int]:
+  """Ring depth and the column width of the f32 output staging, as shared memory allows."""
+  tile = PAGE * dim_qk * itemsize
+  half = dim_v // 2
+  for stages in (2, 1):
+    free = SMEM_BYTES - (stages + 1) * tile - 4096  # Q, the ring, barriers, the lse row, alignment
+    for chunk in (128, 64, 32, 16, 8):
+      if half % chunk == 0 and 2 * ROWS * chunk * 4 <= free:
+        return stages, chunk
+  raise NotImplementedError(f"a {dim_qk}-wide page does not fit shared memory")
+
+
+def flash_mla_mosaic_gpu(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, *,
+                         head_dim_v: int, softmax_scale: float, causal: bool, is_fp8_kvcache: bool,
+                         interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Split-KV decode on sm90; arguments as `mla.flash_mla_with_kvcache` (checked there)."""
+  if is_fp8_kvcache:
+    raise NotImplementedError("the mosaic_gpu MLA kernel does not read the FP8 KV cache yet")
+  batch, seq_q, heads_q, dim_qk = q.shape
+  num_pages, page_size, heads_k, _ = k_cache.shape
+  if page_size != PAGE or head_dim_v % (2 * V_PART) or dim_qk % 64 or q.dtype != jnp.bfloat16:
+    raise NotImplementedError("the mosaic_gpu MLA kernel takes bf16, 64-token pages, dim_qk a multiple of 64 "
+                              f"and head_dim_v of 256; got {q.dtype}, {page_size}, {dim_qk}, {head_dim_v}")
+  _check_device(interpret)
+  return _decode(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, head_dim_v=head_dim_v,
+                 softmax_scale=float(softmax_scale), causal=bool(causal), interpret=bool(interpret),
+                 detect_races=mosaic_interpret.DETECT_RACES)
+
+
+@functools.partial(jax.jit, static_argnames=("head_dim_v", "softmax_scale", "causal", "interpret", "detect_races"))
+def _decode(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, *, head_dim_v: int,
+            softmax_scale: float, causal: bool, interpret: bool, detect_races: bool):
+  batch, seq_q, heads_q, dim_qk = q.shape
+  num_pages, _, heads_k, _ = k_cache.shape
+  group = heads_q // heads_k
+  rows = seq_q * group
+  rows_pad = -(-rows // ROWS) * ROWS
+  m_tiles = rows_pad // ROWS
+  max_blocks = block_table.shape[1]
+  num_blocks = (cache_seqlens + PAGE - 1) // PAGE
+  valid, req, start, stop, slot = meta.expand_pieces(tile_scheduler_metadata, num_splits, num_blocks, max_blocks)
+  num_pieces = valid.shape[0]
+  num_parts = tile_scheduler_metadata.shape[0]
+  rows_meta = tile_scheduler_metadata
+  per_part = jnp.maximum(rows_meta[:, meta.END_REQ] - rows_meta[:, meta.BEGIN_REQ] + 1, 0)
+  part_first = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(per_part, dtype=jnp.int32)])
+  part_first = jnp.minimum(part_first, num_pieces)
+  pieces = jnp.stack([req, jnp.where(valid, start, 0), jnp.where(valid, stop, 0), slot], axis=1).astype(jnp.int32)
+
+  # Rows of a KV head: token-major, then the heads that share it (as the xla path folds them).
+  q_rows = q.reshape(batch, seq_q, heads_k, group, dim_qk).transpose(0, 2, 1, 3, 4).reshape(batch, heads_k, rows, dim_qk)
+  q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rows_pad - rows), (0, 0))).reshape(batch * heads_k * rows_pad, dim_qk)
+  k_rows = k_cache.reshape(num_pages * PAGE, heads_k * dim_qk)  # a page of KV head h: 64 rows, columns h*576...
+  stages, chunk = _stages_and_chunk(dim_qk, head_dim_v, q.dtype.itemsize)
+  half = head_dim_v // 2
+  swizzle = plgpu.find_swizzle(64 * q.dtype.itemsize * 8)
+  tiled = (plgpu.TilingTransform((8, swizzle // q.dtype.itemsize)), plgpu.SwizzleTransform(swizzle))
+  scale_log2 = softmax_scale * _LOG2E
+
+  def kernel(q_ref, k_ref, table_ref, seqlens_ref, pieces_ref, part_first_ref, o_ref, lse_ref,
+             q_smem, o_stage, lse_stage, q_barrier, sync):
+    m_tile, head, part = lax.axis_index("m"), lax.axis_index("h"), lax.axis_index("p")
+    wg = lax.axis_index("wg")
+
+    def pipeline(body, consumer, steps, first_block, request, head):
+      # The producer follows the block table: step j loads page table[request, first_block + j].
+      return plgpu.emit_pipeline_warp_specialized(
+          body, grid=(steps,), memory_registers=_MEMORY_REGISTERS, wg_axis="wg", num_compute_wgs=2,
+          max_concurrent_steps=stages, compute_context=consumer,
+          in_specs=[plgpu.BlockSpec((PAGE, dim_qk), lambda j: (table_ref[request, first_block + j], head),
+                                    transforms=tiled)])
+
+    ignore = lambda *_, **__: None
+    ring = pipeline(ignore, ignore, stages, 0, 0, 0).get_allocations(k_ref)
+
+    def with_ring(ring):
+      @pl.loop(part_first_ref[part], part_first_ref[part + 1])
+      def _piece(piece):
+        request, first_block, end_block, out_slot = (pieces_ref[piece, i] for i in range(4))
+        length = seqlens_ref[request]
+        q_row0 = (request * heads_k + head) * rows_pad + m_tile * ROWS
+        out_row0 = (out_slot * heads_k + head) * rows_pad + m_tile * ROWS
+        row_ids = plgpu.broadcasted_iota(jnp.int32, (ROWS, PAGE), 0, layout=plgpu.Layout.WGMMA)
+        col_ids = plgpu.broadcasted_iota(jnp.int32, (ROWS, PAGE), 1, layout=plgpu.Layout.WGMMA)
+        limit = length - seq_q + 1 + (m_tile * ROWS + row_ids) // group if causal else length
+
+        def consumer(run):
+          @pl.when(wg == 0)
+          def _():
+            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_row0, ROWS)], q_smem, q_barrier)
+          plgpu.barrier_wait(q_barrier)
+          row_layout = plgpu.Layout.WGMMA.reduce(1)
+          row = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), row_layout)
+          zero_row = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), row_layout)
+          accs = tuple(plgpu.layout_cast(jnp.zeros((ROWS, V_PART), jnp.float32), plgpu.Layout.WGMMA)
+                       for _ in range(half // V_PART))
+          accs, row_max, denom = run((accs, row, zero_row))
+          seen = row_max > -jnp.inf
+          safe = jnp.where(seen, denom, 1.0)
+          lse = jnp.where(seen, (row_max + jnp.log2(safe)) / _LOG2E, -jnp.inf)
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last piece's stores have left smem
+          for c in range(half // chunk):
+            part_acc = accs[c * chunk // V_PART]
+            within = c * chunk % V_PART
+            piece_out = part_acc[:, within:within + chunk] / lax.broadcast_in_dim(safe, (ROWS, chunk), [0])
+            o_stage.at[wg][...] = piece_out
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_stage.at[wg], o_ref.at[pl.ds(out_row0, ROWS), pl.ds(wg * half + c * chunk, chunk)])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+          @pl.when(wg == 0)
+          def _():
+            lse_stage[...] = lse
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(lse_stage, lse_ref.at[pl.ds(out_row0, ROWS)])
+          # Both consumers are done with Q before the next piece overwrites it.
+          plgpu.barrier_arrive(sync)
+          plgpu.barrier_wait(sync)
+
+        def page(step, k_smem, carry):
+          accs, row_max, denom = carry
+          block = first_block + step[0]
+
+          def qk(s_ref):
+            plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
+            return s_ref[...]
+          scores = pl.run_scoped(qk, plgpu.ACC((ROWS, PAGE), jnp.float32)) * scale_log2
+          position = block * PAGE + col_ids
+          scores = jnp.where((position < length) & (position < limit), scores, -jnp.inf)
+          new_max = jnp.maximum(row_max, scores.max(axis=1))
+          shift = jnp.where(new_max > -jnp.inf, new_max, 0.0)
+          alpha = jnp.exp2(row_max - shift)
+          probs = jnp.exp2(scores - lax.broadcast_in_dim(shift, scores.shape, [0]))
+          denom = denom * alpha + probs.sum(axis=1)
+          v = k_smem.at[:, pl.ds(wg * half, half)]
+          tail = length - block * PAGE  # valid rows of this page; past them the cache may hold NaN
+
+          @pl.when(tail < PAGE)
+          def _():
+            plgpu.barrier_arrive(sync)  # the other consumer has finished reading K for its QK^T
+            plgpu.barrier_wait(sync)
+            token = plgpu.broadcasted_iota(jnp.int32, (PAGE, half), 0, layout=plgpu.Layout.WGMMA)
+            v[...] = jnp.where(token < tail, v[...], jnp.zeros((PAGE, half), v.dtype))
+            plgpu.commit_smem()
+
+          probs16 = probs.astype(q.dtype)
+          new_accs = []
+          for i, acc in enumerate(accs):  # V_PART columns at a time: a partial of 64 registers per thread
+            def pv(part_ref, i=i):
+              plgpu.wgmma(part_ref, probs16, v.at[:, pl.ds(i * V_PART, V_PART)])
+              return part_ref[...]
+            partial = pl.run_scoped(pv, plgpu.ACC((ROWS, V_PART), jnp.float32))
+            new_accs.append(acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + partial)
+          return tuple(new_accs), new_max, denom
+
+        pipeline(page, consumer, end_block - first_block, first_block, request, head)(k_ref, allocations=ring)
+
+    pl.run_scoped(with_ring, ring, collective_axes="wg")
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  out_rows = (num_pieces + 1) * heads_k * rows_pad
+  call = plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct((out_rows, head_dim_v), jnp.float32), jax.ShapeDtypeStruct((out_rows,), jnp.float32)),
+      grid=(m_tiles, heads_k, num_parts), grid_names=("m", "h", "p"),
+      num_threads=3, thread_name="wg",
+      scratch_types=[plgpu.SMEM((ROWS, dim_qk), q.dtype, transforms=tiled),
+                     plgpu.SMEM((2, ROWS, chunk), jnp.float32),
+                     plgpu.SMEM((ROWS,), jnp.float32),
+                     plgpu.Barrier(num_barriers=1),
+                     plgpu.Barrier(num_arrivals=2)],
+      interpret=mosaic_interpret.params(interpret, detect_races=detect_races),
+  )
+  o_accum, lse_accum = call(q_rows, k_rows, block_table, cache_seqlens, pieces, part_first)
+  o_accum = o_accum.reshape(num_pieces + 1, heads_k, rows_pad, head_dim_v)[:num_pieces, :, :rows]
+  lse_accum = lse_accum.reshape(num_pieces + 1, heads_k, rows_pad)[:num_pieces, :, :rows]
+  out, lse = combine_splits(o_accum, lse_accum, num_splits)
+  out = out.reshape(batch, heads_k, seq_q, group, head_dim_v).transpose(0, 2, 1, 3, 4)
+  lse = lse.reshape(batch, heads_k, seq_q, group).transpose(0, 1, 3, 2)
+  return out.reshape(batch, seq_q, heads_q, head_dim_v).astype(q.dtype), lse.reshape(batch, heads_q, seq_q)

@@ -1,0 +1,71 @@
+"""The Hopper decode kernel (`implementation="mosaic_gpu"`) on CPU, in Mosaic GPU interpret mode.
+
+The shared suite (test_decode.py) runs it natively under `gpu`; here it runs its exact code in
+the interpreter at small sizes (b <= 4, lengths <= 300, h_q <= 32), on FlashMLA-style problems:
+pages past each length are NaN and block-table entries past it are 2147480000, so any read past
+a length shows. Each case also checks the kernel against the dense oracle. Plus: race detection,
+lowering for CUDA from this host, and the cases it leaves to xla.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mla
+from backends import mosaic_interpret
+from tests.mla import cases
+
+
+def _decode(problem, num_sms, causal, **kwargs):
+  return mla.flash_mla_with_kvcache(*problem, cases.D_V, *cases.metadata(problem, num_sms=num_sms), causal=causal,
+                                    **kwargs)
+
+
+@pytest.mark.parametrize("seqlens, seq_q, heads_q, heads_k, causal, num_sms", [
+    ([150, 0, 70], 1, 16, 1, False, 3),  # varlen with an empty request, pieces split mid-request
+    ([300, 5], 2, 16, 1, True, 5),  # causal MTP, a one-block request
+    ([100, 64], 2, 8, 2, True, 2),  # GQA: two KV heads, a page-aligned length
+    ([30], 4, 32, 1, False, 7),  # 128 rows: two M tiles
+])
+def test_matches_the_dense_oracle_in_interpret_mode(seqlens, seq_q, heads_q, heads_k, causal, num_sms):
+  problem = cases.make_problem(sum(seqlens) + heads_q, seqlens, seq_q, heads_q, heads_k)
+  out, lse = _decode(problem, num_sms, causal, implementation="mosaic_gpu", interpret=True)
+  assert out.dtype == jnp.bfloat16 and out.shape == (len(seqlens), seq_q, heads_q, cases.D_V)
+  cases.assert_matches_oracle(out, lse, *cases.oracle(problem, causal=causal))
+
+
+def test_no_races(monkeypatch):
+  from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
+  monkeypatch.setattr(mosaic_interpret, "DETECT_RACES", True)
+  problem = cases.make_problem(7, [100, 20], 1, 16, 1)
+  out, lse = _decode(problem, 2, False, implementation="mosaic_gpu", interpret=True)
+  assert not get_races().races_found
+  cases.assert_matches_oracle(out, lse, *cases.oracle(problem, causal=False))
+
+
+def test_lowers_for_cuda_from_this_host(monkeypatch):
+  from mla import mosaic_gpu
+  monkeypatch.setattr(mosaic_gpu, "_check_device", lambda interpret: None)  # build for sm90 on this host
+  problem = cases.make_problem(8, [150, 70], 2, 16, 1)
+  md = cases.metadata(problem)
+  call = jax.jit(lambda q, k, t, s, m, n: mla.flash_mla_with_kvcache(q, k, t, s, cases.D_V, m, n, causal=True,
+                                                                     implementation="mosaic_gpu"))
+  lowered = call.trace(*problem, *md).lower(lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_what_it_leaves_to_xla():
+  problem = cases.make_problem(9, [70], 1, 16, 1)
+  fp8_cache = mla.quantize_kv_cache(jnp.nan_to_num(problem.k_cache))
+  md = cases.metadata(problem)
+  with pytest.raises(NotImplementedError, match="FP8"):
+    mla.flash_mla_with_kvcache(problem.q, fp8_cache, problem.block_table, problem.cache_seqlens, cases.D_V, *md,
+                               is_fp8_kvcache=True, implementation="mosaic_gpu", interpret=True)
+  if jax.default_backend() != "gpu":
+    with pytest.raises(NotImplementedError, match="interpret=True"):
+      _decode(problem, 132, False, implementation="mosaic_gpu")
+    out, _ = _decode(problem, 132, False)  # None: xla here
+    assert not np.isnan(np.asarray(out, np.float32)).any()
