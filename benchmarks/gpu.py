@@ -4,11 +4,11 @@ In one run, within about 8 minutes on an H200:
 1. the card's two ceilings: device-to-device copy bandwidth and a large bf16 matmul through XLA;
 2. the GPU tests (`pytest -m gpu`), at real shapes, with a time limit;
 3. each kernel suite against its xla implementation on the same shapes in the same process
-   (fp8: DeepGEMM's table, TFLOPS and GB/s with DeepGEMM's accounting).
+   (fp8: DeepGEMM's table with DeepGEMM's accounting; mla: FlashMLA's table with FlashMLA's).
 It prints one table last and, when `$OUT` is set, writes `gpu_suite.json` there; results are
 also appended under benchmarks/results/ like every benchmark.
 
-  python -m benchmarks.gpu [--suites=fp8] [--tests_timeout_s=240] [--repeats=10] [--skip_tests]
+  python -m benchmarks.gpu [--suites=fp8,mla] [--tests_timeout_s=240] [--repeats=10] [--skip_tests]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from benchmarks import bench_fp8
+from benchmarks import bench_fp8, bench_mla
 from benchmarks.harness import append_results, format_table, machine, time_fn
 
 COPY_BYTES = 2 << 30  # large enough that caches do not matter
@@ -70,7 +70,14 @@ def fp8_suite(repeats: int) -> list[dict]:
   return rows
 
 
-SUITES = {"fp8": fp8_suite}
+def mla_suite(repeats: int) -> list[dict]:
+  rows = []
+  for implementation in ("mosaic_gpu", "xla"):
+    rows += bench_mla.run("flashmla", implementation, repeats)
+  return rows
+
+
+SUITES = {"fp8": fp8_suite, "mla": mla_suite}
 
 FLAGS = flags.FLAGS
 

@@ -24,7 +24,7 @@ def test_the_gpu_suite_is_a_program_that_refuses_a_cpu_host():
                             timeout=120)
   assert "--suites" in help_run.stdout and "Traceback" not in help_run.stderr, help_run.stderr[-2000:]
   from benchmarks import gpu
-  assert set(gpu.SUITES) == {"fp8"}
+  assert set(gpu.SUITES) == {"fp8", "mla"}
   import jax
   if jax.default_backend() == "gpu":
     return
