@@ -15,8 +15,8 @@ A page past the length is never read; the part of the last page past it is zeroe
 memory before P.V (a cache may hold anything there, NaN included).
 
 Every piece writes an f32 partial output and log-sum-exp (`o_accum`, `lse_accum`) into its
-slot; `mla.combine.combine_splits` merges each request's slots (FlashMLA's combine math), so a
-request of length 0 gets out = 0 and lse = +inf. The FP8 cache is not supported by this kernel
+slot; the Mosaic GPU combine kernel (`mla.mosaic_combine`) merges each request's slots with
+FlashMLA's log-sum-exp math, so a request of length 0 gets out = 0 and lse = +inf. The FP8 cache is not supported by this kernel
 yet (NotImplementedError, so `implementation=None` falls back to xla).
 """
 
@@ -33,7 +33,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from backends import mosaic_interpret
 from mla import metadata as meta
-from mla.combine import combine_splits
+from mla import mosaic_combine
 
 ROWS = 64  # query rows per M tile and per consumer warpgroup
 V_PART = 128  # output columns per P.V wgmma: accumulator and partial stay within the register file
@@ -227,9 +227,10 @@ def _decode(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num
       interpret=mosaic_interpret.params(interpret, detect_races=detect_races),
   )
   o_accum, lse_accum = call(q_rows, k_rows, block_table, cache_seqlens, pieces, part_first)
-  o_accum = o_accum.reshape(num_pieces + 1, heads_k, rows_pad, head_dim_v)[:num_pieces, :, :rows]
-  lse_accum = lse_accum.reshape(num_pieces + 1, heads_k, rows_pad)[:num_pieces, :, :rows]
-  out, lse = combine_splits(o_accum, lse_accum, num_splits)
+  out, lse = mosaic_combine.combine(o_accum, lse_accum, num_splits, batch=batch, heads_k=heads_k, rows_pad=rows_pad,
+                                    out_dtype=q.dtype, interpret=interpret, detect_races=detect_races)
+  out = out.reshape(batch, heads_k, rows_pad, head_dim_v)[:, :, :rows]
+  lse = lse.reshape(batch, heads_k, rows_pad)[:, :, :rows]
   out = out.reshape(batch, heads_k, seq_q, group, head_dim_v).transpose(0, 2, 1, 3, 4)
   lse = lse.reshape(batch, heads_k, seq_q, group).transpose(0, 1, 3, 2)
   return out.reshape(batch, seq_q, heads_q, head_dim_v).astype(q.dtype), lse.reshape(batch, heads_q, seq_q)

@@ -69,3 +69,21 @@ def test_what_it_leaves_to_xla():
       _decode(problem, 132, False, implementation="mosaic_gpu")
     out, _ = _decode(problem, 132, False)  # None: xla here
     assert not np.isnan(np.asarray(out, np.float32)).any()
+
+
+def test_the_combine_kernel_matches_the_xla_combine():
+  from mla import combine, mosaic_combine
+  slots, heads_k, rows_pad, dim_v = 5, 2, 64, 256
+  num_splits = jnp.array([0, 2, 2, 5], jnp.int32)  # request 1 has no partials: out 0, lse +inf
+  o = jax.random.normal(jax.random.key(0), (slots * heads_k * rows_pad, dim_v), jnp.float32)
+  lse = jax.random.normal(jax.random.key(1), (slots * heads_k * rows_pad,), jnp.float32)
+  lse = lse.at[3 * heads_k * rows_pad:3 * heads_k * rows_pad + 10].set(-jnp.inf)  # partials that saw no key
+  lse = lse.at[:rows_pad].set(-jnp.inf).at[heads_k * rows_pad:(heads_k + 1) * rows_pad].set(-jnp.inf)  # nor any of r0's
+  out, merged = mosaic_combine.combine(o, lse, num_splits, batch=3, heads_k=heads_k, rows_pad=rows_pad,
+                                       out_dtype=jnp.float32, interpret=True)
+  want_out, want_lse = combine.combine_splits(o.reshape(slots, heads_k, rows_pad, dim_v),
+                                              lse.reshape(slots, heads_k, rows_pad), num_splits)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(want_out).reshape(-1, dim_v), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(merged), np.asarray(want_lse).reshape(-1), rtol=1e-5)
+  assert np.isinf(np.asarray(merged).reshape(3, heads_k, rows_pad)[0, 0]).all()
+  assert not np.asarray(out).reshape(3, heads_k, rows_pad, dim_v)[1].any()
