@@ -75,7 +75,7 @@ def flash_mla_mosaic_gpu(q, k_cache, block_table, cache_seqlens, tile_scheduler_
   num_pages, page_size, heads_k, _ = k_cache.shape
   if page_size != PAGE or head_dim_v % (2 * V_PART) or dim_qk % 64 or q.dtype != jnp.bfloat16:
     raise NotImplementedError("the mosaic_gpu MLA kernel takes bf16, 64-token pages, dim_qk a multiple of 64 "
-                              f"and head_dim_v of 256; got {q.dtype}, {page_size}, {dim_qk}, {head_dim_v}")
+                              f"and head_dim_v a multiple of 256; got {q.dtype}, {page_size}, {dim_qk}, {head_dim_v}")
   _check_device(interpret)
   return _decode(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, head_dim_v=head_dim_v,
                  softmax_scale=float(softmax_scale), causal=bool(causal), interpret=bool(interpret),
@@ -135,9 +135,6 @@ def _decode(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num
         length = seqlens_ref[request]
         q_row0 = (request * heads_k + head) * rows_pad + m_tile * ROWS
         out_row0 = (out_slot * heads_k + head) * rows_pad + m_tile * ROWS
-        row_ids = plgpu.broadcasted_iota(jnp.int32, (ROWS, PAGE), 0, layout=plgpu.Layout.WGMMA)
-        col_ids = plgpu.broadcasted_iota(jnp.int32, (ROWS, PAGE), 1, layout=plgpu.Layout.WGMMA)
-        limit = length - seq_q + 1 + (m_tile * ROWS + row_ids) // group if causal else length
 
         def consumer(run):
           @pl.when(wg == 0)
@@ -180,8 +177,15 @@ def _decode(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num
             plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
             return s_ref[...]
           scores = pl.run_scoped(qk, plgpu.ACC((ROWS, PAGE), jnp.float32)) * scale_log2
-          position = block * PAGE + col_ids
-          scores = jnp.where((position < length) & (position < limit), scores, -jnp.inf)
+          # Index vectors are made here, per page, not held across the loop: registers are scarce.
+          position = block * PAGE + plgpu.broadcasted_iota(jnp.int32, (ROWS, PAGE), 1, layout=plgpu.Layout.WGMMA)
+          if causal:  # a row vector: token t of the MTP window sees keys < L - s_q + 1 + t
+            rows_here = plgpu.broadcasted_iota(jnp.int32, (ROWS,), 0, layout=plgpu.Layout.WGMMA.reduce(1))
+            limit = lax.broadcast_in_dim(length - seq_q + 1 + (m_tile * ROWS + rows_here) // group, (ROWS, PAGE), [0])
+            visible = (position < length) & (position < limit)
+          else:
+            visible = position < length
+          scores = jnp.where(visible, scores, -jnp.inf)
           new_max = jnp.maximum(row_max, scores.max(axis=1))
           shift = jnp.where(new_max > -jnp.inf, new_max, 0.0)
           alpha = jnp.exp2(row_max - shift)
@@ -194,8 +198,10 @@ def _decode(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num
           def _():
             plgpu.barrier_arrive(sync)  # the other consumer has finished reading K for its QK^T
             plgpu.barrier_wait(sync)
-            token = plgpu.broadcasted_iota(jnp.int32, (PAGE, half), 0, layout=plgpu.Layout.WGMMA)
-            v[...] = jnp.where(token < tail, v[...], jnp.zeros((PAGE, half), v.dtype))
+            for c in range(half // 64):  # 64 columns at a time, to keep few registers live
+              columns = v.at[:, pl.ds(c * 64, 64)]
+              token = plgpu.broadcasted_iota(jnp.int32, (PAGE, 64), 0, layout=plgpu.Layout.WGMMA)
+              columns[...] = jnp.where(token < tail, columns[...], jnp.zeros((PAGE, 64), v.dtype))
             plgpu.commit_smem()
 
           probs16 = probs.astype(q.dtype)
