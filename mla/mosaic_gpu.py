@@ -32,6 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from backends import mosaic_interpret
+from backends.sm90 import require_sm90
 from mla import metadata as meta
 from mla import mosaic_combine
 
@@ -41,16 +42,11 @@ PAGE = meta.PAGE_SIZE
 SMEM_BYTES = 232448
 _LOG2E = math.log2(math.e)
 _MEMORY_REGISTERS = 40
-_SM90 = "9.0"
 
 
 def _check_device(interpret: bool) -> None:
-  if interpret:
-    return
-  device = jax.devices()[0]
-  if device.platform != "gpu" or getattr(device, "compute_capability", None) != _SM90:
-    raise NotImplementedError(f"the mosaic_gpu MLA kernel needs an sm90 (Hopper) GPU, not {device.device_kind}; "
-                              "pass interpret=True to run its code in Mosaic GPU interpret mode")
+  if not interpret:
+    require_sm90("the mosaic_gpu MLA kernel")
 
 
 def _stages_and_chunk(dim_qk: int, dim_v: int, itemsize: int) -> tuple[int, int]:

@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 
 from backends import mosaic_interpret
+from backends.sm90 import require_sm90
 from fp8.mosaic_gpu import config as configs
 from fp8.mosaic_gpu.kernel import expand_block_scales, promoted_gemm
 
-_SM90 = "9.0"
 _target = threading.local()
 
 
@@ -42,10 +42,7 @@ def _device(interpret: bool) -> tuple[str | None, int]:
     return None, configs.INTERPRET_NUM_SMS
   if getattr(_target, "device", None) is not None:
     return _target.device
-  device = jax.devices()[0]
-  if device.platform != "gpu" or getattr(device, "compute_capability", None) != _SM90:
-    raise NotImplementedError(f"the mosaic_gpu FP8 kernels need an sm90 (Hopper) GPU, not {device.device_kind}; "
-                              "pass interpret=True to run their code in Mosaic GPU interpret mode")
+  device = require_sm90("the mosaic_gpu FP8 kernels")
   return device.device_kind, getattr(device, "core_count", configs.DEFAULT_NUM_SMS)
 
 
