@@ -96,6 +96,10 @@ def _decode(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num
   per_part = jnp.maximum(rows_meta[:, meta.END_REQ] - rows_meta[:, meta.BEGIN_REQ] + 1, 0)
   part_first = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(per_part, dtype=jnp.int32)])
   part_first = jnp.minimum(part_first, num_pieces)
+  # Stale metadata never makes the producer follow a table entry past a request's length (the
+  # api turns such requests into NaN; the kernel must not read out of bounds on the way).
+  stop = jnp.minimum(stop, num_blocks[req])
+  start = jnp.minimum(start, stop)
   pieces = jnp.stack([req, jnp.where(valid, start, 0), jnp.where(valid, stop, 0), slot], axis=1).astype(jnp.int32)
 
   # Rows of a KV head: token-major, then the heads that share it (as the xla path folds them).
