@@ -87,3 +87,10 @@ def test_the_combine_kernel_matches_the_xla_combine():
   np.testing.assert_allclose(np.asarray(merged), np.asarray(want_lse).reshape(-1), rtol=1e-5)
   assert np.isinf(np.asarray(merged).reshape(3, heads_k, rows_pad)[0, 0]).all()
   assert not np.asarray(out).reshape(3, heads_k, rows_pad, dim_v)[1].any()
+
+
+def test_stale_metadata_gives_nan_not_an_out_of_bounds_read():
+  problem = cases.make_problem(10, [70, 130], 1, 16, 1)
+  stale = mla.get_mla_metadata(jnp.array([200, 300], jnp.int32), 16, 1, num_sms=3)  # other, longer lengths
+  out, _ = mla.flash_mla_with_kvcache(*problem, cases.D_V, *stale, implementation="mosaic_gpu", interpret=True)
+  assert np.isnan(np.asarray(out, np.float32)).all(axis=(1, 2, 3)).any()
