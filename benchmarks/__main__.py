@@ -3,8 +3,8 @@
 Suites so far: balancer (CPU, numpy), fp8 (the xla GEMMs against bf16; DeepGEMM's shapes on a
 GPU, scaled down on CPU) and mla (split-KV decode against the dense oracle; FlashMLA's cases on a
 GPU), ffi (the dispatch custom calls against their jnp references) and storage (a local
-cluster against local files). GPU kernel suites join
-here as their issues land.
+cluster against local files). The Hopper kernels are timed on a lent GPU by
+`python -m benchmarks.gpu` (ceilings, GPU tests, then fp8 and mla against their xla paths).
 """
 
 import sys

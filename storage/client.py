@@ -7,8 +7,9 @@
 Metadata goes to a meta server (found through mgmtd); data goes straight to the chains, which
 the client computes itself from the file's layout (chunk i on `chains[i % stripe]`), so meta is
 off the data path, as in 3FS. Writes go to a chain's head; reads to any serving replica, in
-turn. A stale chain version, a replica that stopped serving, or a lost connection refreshes the
-routing and retries (bounded); a write in flight ("pending") is waited out; a corrupted replica
+turn. Routing changes are pushed by mgmtd (`storage.cluster.routing`); a request to a replica its
+chain has left is abandoned, and a stale chain version, a replica that stopped serving, or a lost
+connection refreshes the routing and retries (bounded, `storage.cluster.chain_client`); a write in flight ("pending") is waited out; a corrupted replica
 is skipped for another. The client runs its own event loop in a thread, so its API is plain
 blocking calls that notebooks and scripts can use.
 """
