@@ -3,8 +3,9 @@
 The shared suite (test_decode.py) runs it natively under `gpu`; here it runs its exact code in
 the interpreter at small sizes (b <= 4, lengths <= 300, h_q <= 32), on FlashMLA-style problems:
 pages past each length are NaN and block-table entries past it are 2147480000, so any read past
-a length shows. Each case also checks the kernel against the dense oracle. Plus: race detection,
-lowering for CUDA from this host, and the cases it leaves to xla.
+a length shows (in the FP8 cache, those tokens' bytes are NaN values and NaN scales). Each case
+checks the kernel against the dense oracle. Plus: race detection, lowering for CUDA from this
+host, and the cases it leaves to xla.
 """
 
 from __future__ import annotations
@@ -37,33 +38,49 @@ def test_matches_the_dense_oracle_in_interpret_mode(seqlens, seq_q, heads_q, hea
   cases.assert_matches_oracle(out, lse, *cases.oracle(problem, causal=causal))
 
 
-def test_no_races(monkeypatch):
+@pytest.mark.parametrize("seqlens, seq_q, heads_q, causal, num_sms, as_float8", [
+    ([100, 0, 70], 2, 16, True, 3, False),  # causal MTP, an empty request, a split request
+    ([130], 1, 4, False, 2, True),  # FlashMLA's float8 view of the bytes; a 2-token last page
+])
+def test_fp8_cache_matches_the_dense_oracle_in_interpret_mode(seqlens, seq_q, heads_q, causal, num_sms, as_float8):
+  problem = cases.make_problem(11 + seq_q, seqlens, seq_q, heads_q, 1)
+  packed = mla.quantize_kv_cache(problem.k_cache)  # NaN tokens quantize to NaN bytes and scales
+  cache = jax.lax.bitcast_convert_type(packed, jnp.float8_e4m3fn) if as_float8 else packed
+  out, lse = _decode(problem._replace(k_cache=cache), num_sms, causal, is_fp8_kvcache=True,
+                     implementation="mosaic_gpu", interpret=True)
+  cases.assert_matches_oracle(out, lse, *cases.oracle(problem, causal=causal, k_cache=packed, is_fp8_kvcache=True))
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_no_races(monkeypatch, fp8):
   from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
   monkeypatch.setattr(mosaic_interpret, "DETECT_RACES", True)
   problem = cases.make_problem(7, [100, 20], 1, 16, 1)
-  out, lse = _decode(problem, 2, False, implementation="mosaic_gpu", interpret=True)
+  cache = mla.quantize_kv_cache(problem.k_cache) if fp8 else problem.k_cache
+  out, lse = _decode(problem._replace(k_cache=cache), 2, False, is_fp8_kvcache=fp8, implementation="mosaic_gpu",
+                     interpret=True)
   assert not get_races().races_found
-  cases.assert_matches_oracle(out, lse, *cases.oracle(problem, causal=False))
+  cases.assert_matches_oracle(out, lse, *cases.oracle(problem, causal=False, k_cache=cache, is_fp8_kvcache=fp8))
 
 
-def test_lowers_for_cuda_from_this_host(monkeypatch):
+@pytest.mark.parametrize("fp8", [False, True])
+def test_lowers_for_cuda_from_this_host(monkeypatch, fp8):
   from mla import mosaic_gpu
   monkeypatch.setattr(mosaic_gpu, "_check_device", lambda interpret: None)  # build for sm90 on this host
   problem = cases.make_problem(8, [150, 70], 2, 16, 1)
   md = cases.metadata(problem)
+  cache = mla.quantize_kv_cache(problem.k_cache) if fp8 else problem.k_cache
   call = jax.jit(lambda q, k, t, s, m, n: mla.flash_mla_with_kvcache(q, k, t, s, cases.D_V, m, n, causal=True,
-                                                                     implementation="mosaic_gpu"))
-  lowered = call.trace(*problem, *md).lower(lowering_platforms=("cuda",))
+                                                                     is_fp8_kvcache=fp8, implementation="mosaic_gpu"))
+  lowered = call.trace(problem.q, cache, *problem[2:], *md).lower(lowering_platforms=("cuda",))
   assert "mosaic_gpu" in lowered.as_text()
 
 
 def test_what_it_leaves_to_xla():
   problem = cases.make_problem(9, [70], 1, 16, 1)
-  fp8_cache = mla.quantize_kv_cache(jnp.nan_to_num(problem.k_cache))
-  md = cases.metadata(problem)
-  with pytest.raises(NotImplementedError, match="FP8"):
-    mla.flash_mla_with_kvcache(problem.q, fp8_cache, problem.block_table, problem.cache_seqlens, cases.D_V, *md,
-                               is_fp8_kvcache=True, implementation="mosaic_gpu", interpret=True)
+  with pytest.raises(NotImplementedError, match="bf16"):
+    _decode(problem._replace(q=problem.q.astype(jnp.float16), k_cache=problem.k_cache.astype(jnp.float16)), 1,
+            False, implementation="mosaic_gpu", interpret=True)
   if jax.default_backend() != "gpu":
     with pytest.raises(NotImplementedError, match="interpret=True"):
       _decode(problem, 132, False, implementation="mosaic_gpu")
