@@ -1,5 +1,25 @@
-"""Expert-parallel token dispatch and combine across an `ep` mesh axis (not built yet).
+"""Expert-parallel token dispatch and combine across an `ep` mesh axis, DeepEP's semantics in JAX.
 
-Will hold: the dispatch layout, normal (high-throughput) and low-latency masked modes,
-FP8 dispatch, custom VJPs, and the MoE layer built from them. Rebuilds DeepEP.
+- `get_dispatch_layout`: where each token goes (DeepEP's layout).
+- `dispatch` / `combine`: normal (high-throughput) mode, static shapes with a receive capacity,
+  FP8 dispatch with scales, custom VJPs (backward of dispatch = combine and vice versa).
+- `low_latency_dispatch` / `low_latency_combine`: the masked per-expert layout that
+  `fp8.m_grouped_gemm_nt_masked` consumes.
+Every function but the layout runs inside `jax.shard_map` over `axis_name` ("ep").
 """
+
+from expert_parallel.low_latency import low_latency_combine, low_latency_dispatch
+from expert_parallel.normal import combine, dispatch
+from expert_parallel.routing import get_dispatch_layout
+from expert_parallel.types import DispatchHandle, DispatchResult, LowLatencyHandle
+
+__all__ = [
+    "DispatchHandle",
+    "DispatchResult",
+    "LowLatencyHandle",
+    "combine",
+    "dispatch",
+    "get_dispatch_layout",
+    "low_latency_combine",
+    "low_latency_dispatch",
+]
