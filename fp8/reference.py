@@ -48,16 +48,19 @@ def promoted_matmul(a_fp8, sa, b_fp8, sb_rows) -> jax.Array:
   dims = (((batch + 1,), (batch + 1,)), (tuple(range(batch)), tuple(range(batch))))
   out_shape = (*a_fp8.shape[:-1], b_fp8.shape[-2])
 
-  def step(kb, acc):
+  def block(kb):
     a_blk = jax.lax.dynamic_slice_in_dim(a_fp8, kb * BLOCK, BLOCK, axis=-1)
     b_blk = jax.lax.dynamic_slice_in_dim(b_fp8, kb * BLOCK, BLOCK, axis=-1)
     partial = jax.lax.dot_general(a_blk, b_blk, dims, preferred_element_type=jnp.float32)
     scale_a = jax.lax.dynamic_index_in_dim(sa, kb, axis=-1, keepdims=False)[..., :, None]
     scale_b = jax.lax.dynamic_index_in_dim(sb_rows, kb, axis=-1, keepdims=False)[..., None, :]
-    return acc + partial * (scale_a * scale_b)
+    return partial * (scale_a * scale_b)
 
   num_blocks = a_fp8.shape[-1] // BLOCK
-  return jax.lax.fori_loop(0, num_blocks, step, jnp.zeros(out_shape, jnp.float32), unroll=min(_UNROLL, num_blocks))
+  # The first block starts the sum (not zeros), so under shard_map the carry varies like the inputs.
+  first = block(0)
+  return jax.lax.fori_loop(1, num_blocks, lambda kb, acc: acc + block(kb), first,
+                           unroll=max(1, min(_UNROLL, num_blocks - 1)))
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype",))
@@ -131,4 +134,6 @@ def k_grouped_gemm_tn_contiguous(a, b, ks, *, c, interpret=False):
   init = jnp.zeros((num_groups, m, n), jnp.float32) if c is None else c
   if sum_k == 0:
     return init
-  return jax.lax.fori_loop(0, sum_k // BLOCK, step, init, unroll=min(_UNROLL, sum_k // BLOCK))
+  # The first step runs outside the loop, so under shard_map the carry varies like the inputs.
+  num_blocks = sum_k // BLOCK
+  return jax.lax.fori_loop(1, num_blocks, step, step(0, init), unroll=max(1, min(_UNROLL, num_blocks - 1)))
