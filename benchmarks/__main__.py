@@ -2,20 +2,27 @@
 
 Suites so far: balancer (CPU, numpy), fp8 (the xla GEMMs against bf16; DeepGEMM's shapes on a
 GPU, scaled down on CPU) and mla (split-KV decode against the dense oracle; FlashMLA's cases on a
-GPU), ffi (the dispatch custom calls against their jnp references) and storage (a local
+GPU), ffi (the dispatch custom calls against their jnp references), ep (expert-parallel dispatch
+and combine against an all_gather dispatch, on 8 fake CPU devices) and storage (a local
 cluster against local files). The Hopper kernels are timed on a lent GPU by
 `python -m benchmarks.gpu` (ceilings, GPU tests, then fp8 and mla against their xla paths).
 """
 
+import os
 import sys
 
-from absl import app
+# The ep suite needs several devices: 8 fake CPU devices on a CPU host (no effect on GPUs).
+# Before any suite imports jax; the other suites time against baselines in the same process.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
 
-from benchmarks import bench_balancer, bench_ffi, bench_fp8, bench_mla, bench_storage
-from benchmarks.harness import append_results, format_table
+from absl import app  # noqa: E402
+
+from benchmarks import bench_balancer, bench_ep, bench_ffi, bench_fp8, bench_mla, bench_storage  # noqa: E402
+from benchmarks.harness import append_results, format_table  # noqa: E402
 
 SUITES = {"balancer": bench_balancer.run, "fp8": bench_fp8.run, "mla": bench_mla.run, "ffi": bench_ffi.run,
-          "storage": bench_storage.run}
+          "ep": bench_ep.run, "storage": bench_storage.run}
 
 
 def main(argv):

@@ -4,11 +4,12 @@ In one run, within about 8 minutes on an H200:
 1. the card's two ceilings: device-to-device copy bandwidth and a large bf16 matmul through XLA;
 2. the GPU tests (`pytest -m gpu`), at real shapes, with a time limit;
 3. each kernel suite against its xla implementation on the same shapes in the same process
-   (fp8: DeepGEMM's table with DeepGEMM's accounting; mla: FlashMLA's table with FlashMLA's).
+   (fp8: DeepGEMM's table with DeepGEMM's accounting; mla: FlashMLA's table with FlashMLA's;
+   ep: DeepEP's shapes and byte accounting over the host's GPUs, against an all_gather dispatch).
 It prints one table last and, when `$OUT` is set, writes `gpu_suite.json` there; results are
 also appended under benchmarks/results/ like every benchmark.
 
-  python -m benchmarks.gpu [--suites=fp8,mla] [--tests_timeout_s=240] [--repeats=10] [--skip_tests]
+  python -m benchmarks.gpu [--suites=fp8,mla,ep] [--tests_timeout_s=240] [--repeats=10] [--skip_tests]
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from benchmarks import bench_fp8, bench_mla
+from benchmarks import bench_ep, bench_fp8, bench_mla
 from benchmarks.harness import append_results, format_table, machine, time_fn
 
 COPY_BYTES = 2 << 30  # large enough that caches do not matter
@@ -77,7 +78,12 @@ def mla_suite(repeats: int) -> list[dict]:
   return rows
 
 
-SUITES = {"fp8": fp8_suite, "mla": mla_suite}
+def ep_suite(repeats: int) -> list[dict]:
+  """DeepEP's shapes over this host's GPUs (one GPU: no communication, the local work only)."""
+  return bench_ep.run("deepep", repeats)
+
+
+SUITES = {"fp8": fp8_suite, "mla": mla_suite, "ep": ep_suite}
 
 FLAGS = flags.FLAGS
 

@@ -6,9 +6,13 @@ A rank sends each (token, expert) pair once, FP8-quantized by default, and recei
 layout `fp8.m_grouped_gemm_nt_masked` takes directly. The combine sends the expert outputs
 back and reduces them weighted by `topk_weights`, as DeepEP's does.
 
-One implementation: a `lax.all_to_all` of `[R, E_local, M, H]` blocks, each source token at its
-own row, so every shape is static; the receiver compacts each expert's rows. The wire carries
-as many rows as DeepEP's receive buffers hold (E * M per rank), padded, not only the valid ones.
+One implementation, every shape static: a source sends each token once to each rank that holds
+one of its experts (`[R, M, H]` blocks, each token at its own row, through `lax.all_to_all`,
+with the `[R, E_local, M]` expert masks), and the receiver gathers the masked per-expert rows
+from them. The combine reduces on the expert side first: each rank weighs and sums its
+experts' outputs per token (the weights travel there, `[R, M, E_local]`), sends one float32 row
+per (token, rank) back, and the source sums over ranks. So the wire carries at most R * M rows
+each way, padded, not E * M.
 """
 
 from __future__ import annotations
@@ -66,11 +70,12 @@ def low_latency_dispatch(x, topk_idx, *, num_max_dispatch_tokens_per_rank: int, 
   chosen = _selection(topk_idx, num_experts).reshape(num_ranks, num_local, max_tokens)
   received_mask = lax.all_to_all(chosen, axis_name, 0, 0, tiled=True)  # [source, e, t]
 
+  to_rank = chosen.any(axis=1)  # [R, M]: token t goes to rank r once, whatever its experts there
+
   def move(values):  # [M, W] -> received [E_local, R * M, W], compacted per expert
-    blocks = jnp.where(chosen[..., None], values[None, None], jnp.zeros((), values.dtype))
-    received = lax.all_to_all(blocks, axis_name, 0, 0, tiled=True)  # [source, e, t, W]
-    received = received.transpose(1, 0, 2, 3).reshape(num_local, num_ranks * max_tokens, -1)
-    rows = jnp.take_along_axis(received, jnp.maximum(src_info, 0)[..., None], axis=1)
+    blocks = jnp.where(to_rank[..., None], values[None], jnp.zeros((), values.dtype))
+    received = lax.all_to_all(blocks, axis_name, 0, 0, tiled=True)  # [source, t, W]
+    rows = received.reshape(num_ranks * max_tokens, -1)[jnp.maximum(src_info, 0)]
     return jnp.where((src_info >= 0)[..., None], rows, jnp.zeros((), values.dtype))
 
   mask = received_mask.transpose(1, 0, 2).reshape(num_local, num_ranks * max_tokens)  # [e, source * M + t]
@@ -111,14 +116,19 @@ def low_latency_combine(y, topk_idx, topk_weights, handle: LowLatencyHandle, *, 
   tokens, hidden = topk_idx.shape[0], y.shape[2]
   if tokens > max_tokens:
     raise ValueError(f"topk_idx has {tokens} tokens, more than the dispatch's {max_tokens}")
-  # Each valid row goes back to its (source, token) slot; the rest to a dropped bin.
-  target = jnp.where(handle.src_info >= 0, handle.src_info, rows)
-  back = jnp.zeros((num_local, rows + 1, hidden), y.dtype).at[
-      jnp.arange(num_local)[:, None], target].set(y, mode="drop")[:, :rows]
-  back = back.reshape(num_local, num_ranks, max_tokens, hidden).transpose(1, 0, 2, 3)
-  back = lax.all_to_all(back, axis_name, 0, 0, tiled=True)  # [expert rank, e, t, H]: my tokens' outputs
-  back = back.reshape(num_ranks * num_local, max_tokens, hidden)
-  expert = jnp.maximum(topk_idx, 0)
-  picked = back[expert, jnp.arange(tokens)[:, None]]  # [T, K, H]
-  weights = jnp.where(topk_idx >= 0, topk_weights.astype(jnp.float32), 0.0)
-  return jnp.einsum("tk,tkh->th", weights, picked.astype(jnp.float32)).astype(y.dtype)
+  # The weights go to the experts' ranks: [destination rank, t, local expert].
+  padded_idx = jnp.pad(topk_idx, ((0, max_tokens - tokens), (0, 0)), constant_values=-1)
+  padded_w = jnp.pad(topk_weights.astype(jnp.float32), ((0, max_tokens - tokens), (0, 0)))
+  experts = jnp.arange(num_ranks * num_local, dtype=jnp.int32)
+  per_expert = jnp.einsum("tk,tke->et", padded_w, (padded_idx[:, :, None] == experts).astype(jnp.float32))
+  weights = lax.all_to_all(per_expert.reshape(num_ranks, num_local, max_tokens), axis_name, 0, 0, tiled=True)
+  weights = weights.transpose(1, 0, 2).reshape(num_local, rows)  # [e, source * M + t]
+  # Row i of expert e answers slot src_info[e, i]; find it from the slot's side, then weigh and sum.
+  slot_row = jnp.full((num_local, rows + 1), -1, jnp.int32).at[
+      jnp.arange(num_local)[:, None], jnp.where(handle.src_info >= 0, handle.src_info, rows)].set(
+          jnp.arange(rows, dtype=jnp.int32)[None, :], mode="drop")[:, :rows]
+  picked = jnp.take_along_axis(y, jnp.maximum(slot_row, 0)[..., None], axis=1).astype(jnp.float32)
+  picked = jnp.where((slot_row >= 0)[..., None], picked, 0.0)  # rows past recv_count may hold anything
+  partial = jnp.einsum("es,esh->sh", weights, picked)  # [source * M + t, H] float32
+  back = lax.all_to_all(partial.reshape(num_ranks, max_tokens, hidden), axis_name, 0, 0, tiled=True)
+  return back.sum(axis=0)[:tokens].astype(y.dtype)  # this rank's tokens, summed over the experts' ranks

@@ -37,7 +37,9 @@ def test_counts_masked_layout_and_weighted_combine(use_fp8):
     recv, count, handle = ep.low_latency_dispatch(x, topk, num_max_dispatch_tokens_per_rank=M, num_experts=E,
                                                   use_fp8=use_fp8)
     values = fp8.dequantize(*recv) if use_fp8 else recv.astype(jnp.float32)
-    out = ep.low_latency_combine(values.astype(jnp.bfloat16), topk, w, handle)
+    valid = jnp.arange(values.shape[1])[None, :, None] < count[:, None, None]
+    poisoned = jnp.where(valid, values, jnp.nan)  # rows past recv_count must not be read
+    out = ep.low_latency_combine(poisoned.astype(jnp.bfloat16), topk, w, handle)
     return values, count, handle, out
 
   values, count, handle, out = helpers.run(fn, x, topk, weights)

@@ -23,7 +23,8 @@ def _dispatch(impl, capacity=None, alignment=1, with_combine=False):
   def fn(x, topk, w):
     res, handle = ep.dispatch(x, topk, w, num_experts=E, capacity=capacity, expert_alignment=alignment,
                               implementation=impl)
-    out = ep.combine(res.x.astype(jnp.float32), handle, implementation=impl) if with_combine else None
+    rows = jnp.where((jnp.arange(res.x.shape[0]) < res.num_valid)[:, None], res.x.astype(jnp.float32), jnp.nan)
+    out = ep.combine(rows, handle, implementation=impl) if with_combine else None  # NaN rows must be ignored
     return res._replace(x_scales=None), out
   return fn
 
