@@ -43,7 +43,7 @@ class Placement(NamedTuple):
 class MoEOutput(NamedTuple):
   out: jax.Array  # [T, H] in x's dtype
   expert_counts: jax.Array  # [E] int32 (token, expert) pairs per logical expert, over every rank
-  num_dropped: jax.Array  # [] int32 rows the dispatch dropped (capacity) on this rank
+  num_dropped: jax.Array  # [] int32 rows the dispatch dropped (capacity), summed over every rank
 
 
 def _shared(params, x):
@@ -97,7 +97,7 @@ def moe_forward(params, x, config: MoEConfig, *, axis_name=None, capacity: int |
     received = (result.x, result.x_scales) if use_fp8 else result.x
     y = experts.routed_ffn(received, result.topk_idx, result.topk_weights, *w, use_fp8=use_fp8)
     routed = normal.combine(y, handle, axis_name=axis_name, implementation=implementation)
-    dropped = result.num_dropped
+    dropped = jax.lax.psum(result.num_dropped, axis_name)
   out = routed + _shared(params, x).astype(jnp.float32)
   return MoEOutput(out.astype(x.dtype), counts, dropped)
 

@@ -74,9 +74,7 @@ def _ep_call(fn, params, x):
   """Runs `fn(params, x)` on 8 ranks: routed experts and tokens sharded, the rest replicated."""
   mesh = jax.make_mesh((RANKS,), ("ep",))
   specs = _specs(params)
-  out_specs = ep.MoEOutput(P("ep"), P(), P("ep"))
-  wrapped = lambda p, x: fn(p, x)._replace(num_dropped=fn(p, x).num_dropped[None])
-  call = jax.shard_map(wrapped, mesh=mesh, in_specs=(specs, P("ep")), out_specs=out_specs)
+  call = jax.shard_map(fn, mesh=mesh, in_specs=(specs, P("ep")), out_specs=ep.MoEOutput(P("ep"), P(), P()))
   put = lambda a, s: jax.device_put(a, NamedSharding(mesh, s))
   return call, jax.tree.map(put, params, specs), put(x, P("ep"))
 
@@ -152,7 +150,7 @@ def test_capacity_drops_are_reported():
   params, x = _problem(5)
   call, p8, x8 = _ep_call(functools.partial(ep.moe_forward, config=CONFIG, axis_name="ep", capacity=4), params, x)
   got = jax.jit(call)(p8, x8)
-  assert np.asarray(got.num_dropped).sum() > 0
+  assert int(got.num_dropped) > 0
 
 
 def test_the_nnx_module_matches_the_function():
