@@ -25,11 +25,15 @@ _FIX = "XLA_FLAGS=--xla_force_host_platform_device_count=8"
 
 @functools.cache
 def _warn_if_the_host_may_deadlock() -> None:
-  cpus = len(jax.devices("cpu"))
-  if max(os.cpu_count() or 1, cpus) < _MIN_HOST_THREADS:
-    warnings.warn(f"Mosaic GPU interpret mode with {os.cpu_count()} cores and {cpus} CPU devices can deadlock "
+  try:
+    cpus = len(jax.devices("cpu"))
+  except RuntimeError:  # no CPU backend (JAX_PLATFORMS=cuda): nothing to say
+    return
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+  if max(cores, cpus) < _MIN_HOST_THREADS:
+    warnings.warn(f"Mosaic GPU interpret mode with {cores} cores and {cpus} CPU devices can deadlock "
                   f"(warpgroups wait on each other for host threads); set {_FIX} before importing jax",
-                  RuntimeWarning, stacklevel=3)
+                  RuntimeWarning, stacklevel=2)
 
 
 def params(interpret: bool, *, detect_races: bool = False):

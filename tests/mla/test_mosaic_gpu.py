@@ -3,9 +3,10 @@
 The shared suite (test_decode.py) runs it natively under `gpu`; here it runs its exact code in
 the interpreter at small sizes (b <= 4, lengths <= 300, h_q <= 32), on FlashMLA-style problems:
 pages past each length are NaN and block-table entries past it are 2147480000, so any read past
-a length shows (in the FP8 cache, those tokens' bytes are NaN values and NaN scales). Each case
-checks the kernel against the dense oracle. Plus: race detection, lowering for CUDA from this
-host, and the cases it leaves to xla.
+a length shows (in the FP8 cache, those tokens' values and scales are NaN bytes). Each case
+checks the kernel against the dense oracle. Plus: race detection (the interpreter does not
+race-check wgmma's shared-memory reads, so the consumers' barriers around the FP8 tile are
+checked only on a GPU), lowering for CUDA from this host, and the cases it leaves to xla.
 """
 
 from __future__ import annotations
@@ -38,13 +39,22 @@ def test_matches_the_dense_oracle_in_interpret_mode(seqlens, seq_q, heads_q, hea
   cases.assert_matches_oracle(out, lse, *cases.oracle(problem, causal=causal))
 
 
-@pytest.mark.parametrize("seqlens, seq_q, heads_q, causal, num_sms, as_float8", [
-    ([100, 0, 70], 2, 16, True, 3, False),  # causal MTP, an empty request, a split request
-    ([130], 1, 4, False, 2, True),  # FlashMLA's float8 view of the bytes; a 2-token last page
+def _poisoned_fp8(problem):
+  """The FP8 cache of a problem, every byte of every token past its length 0xFF (NaN values, scales, RoPE)."""
+  packed = mla.quantize_kv_cache(jnp.nan_to_num(problem.k_cache))
+  past_length = jnp.isnan(problem.k_cache[..., :1].astype(jnp.float32))  # make_problem's NaN tokens
+  return jnp.where(past_length, jnp.uint8(0xFF), packed)
+
+
+@pytest.mark.parametrize("seqlens, seq_q, heads_q, heads_k, causal, num_sms, as_float8", [
+    ([100, 0, 70], 2, 16, 1, True, 3, False),  # causal MTP, an empty request, a split request
+    ([130], 1, 4, 1, False, 2, True),  # FlashMLA's float8 view of the bytes; a 2-token last page
+    ([130, 70], 2, 8, 2, True, 3, False),  # two KV heads: each head's values, scales and RoPE offsets
 ])
-def test_fp8_cache_matches_the_dense_oracle_in_interpret_mode(seqlens, seq_q, heads_q, causal, num_sms, as_float8):
-  problem = cases.make_problem(11 + seq_q, seqlens, seq_q, heads_q, 1)
-  packed = mla.quantize_kv_cache(problem.k_cache)  # NaN tokens quantize to NaN bytes and scales
+def test_fp8_cache_matches_the_dense_oracle_in_interpret_mode(seqlens, seq_q, heads_q, heads_k, causal, num_sms,
+                                                              as_float8):
+  problem = cases.make_problem(11 + seq_q, seqlens, seq_q, heads_q, heads_k)
+  packed = _poisoned_fp8(problem)
   cache = jax.lax.bitcast_convert_type(packed, jnp.float8_e4m3fn) if as_float8 else packed
   out, lse = _decode(problem._replace(k_cache=cache), num_sms, causal, is_fp8_kvcache=True,
                      implementation="mosaic_gpu", interpret=True)
@@ -56,7 +66,7 @@ def test_no_races(monkeypatch, fp8):
   from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
   monkeypatch.setattr(mosaic_interpret, "DETECT_RACES", True)
   problem = cases.make_problem(7, [100, 20], 1, 16, 1)
-  cache = mla.quantize_kv_cache(problem.k_cache) if fp8 else problem.k_cache
+  cache = _poisoned_fp8(problem) if fp8 else problem.k_cache
   out, lse = _decode(problem._replace(k_cache=cache), 2, False, is_fp8_kvcache=fp8, implementation="mosaic_gpu",
                      interpret=True)
   assert not get_races().races_found
