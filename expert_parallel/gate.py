@@ -36,6 +36,8 @@ class GateConfig:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     if self.num_experts % self.n_group:
       raise ValueError(f"num_experts={self.num_experts} must be a multiple of n_group={self.n_group}")
+    if self.n_group > 1 and self.num_experts // self.n_group < 2:
+      raise ValueError(f"n_group={self.n_group} leaves fewer than 2 experts per group (groups score by their top 2)")
     if self.topk_group > self.n_group:
       raise ValueError(f"topk_group={self.topk_group} must be at most n_group={self.n_group}")
     if self.num_experts_per_tok > self.topk_group * self.num_experts // self.n_group:

@@ -1,6 +1,7 @@
 """DeepEP's low-latency mode for `jax.shard_map`: per-expert masked receive buffers, for decode.
 
-A rank sends each (token, expert) pair once, FP8-quantized by default, and receives into
+A rank sends each token once to each rank holding one of its experts, FP8-quantized by default
+(quantized once per token), and receives into
 `[E_local, M * R, H]` (M = num_max_dispatch_tokens_per_rank): for local expert e, the first
 `recv_count[e]` rows are valid, in (source rank, source token) order. That is the masked
 layout `fp8.m_grouped_gemm_nt_masked` takes directly. The combine sends the expert outputs
@@ -34,7 +35,7 @@ def _selection(topk_idx: jax.Array, num_experts: int) -> jax.Array:
 
 def low_latency_dispatch(x, topk_idx, *, num_max_dispatch_tokens_per_rank: int, num_experts: int,
                          use_fp8: bool = True, axis_name="ep"):
-  """Sends each (token, expert) pair to the expert's rank, into a masked per-expert layout.
+  """Sends each token to its experts' ranks, into a masked per-expert layout (a row per (token, expert)).
 
   Args:
     x: `[T, H]` bfloat16 (or float32), this rank's tokens; T <= num_max_dispatch_tokens_per_rank.
@@ -70,6 +71,10 @@ def low_latency_dispatch(x, topk_idx, *, num_max_dispatch_tokens_per_rank: int, 
   chosen = _selection(topk_idx, num_experts).reshape(num_ranks, num_local, max_tokens)
   received_mask = lax.all_to_all(chosen, axis_name, 0, 0, tiled=True)  # [source, e, t]
 
+  mask = received_mask.transpose(1, 0, 2).reshape(num_local, num_ranks * max_tokens)  # [e, source * M + t]
+  recv_count = mask.sum(axis=1, dtype=jnp.int32)
+  order = jnp.argsort(~mask, axis=1, stable=True).astype(jnp.int32)  # valid (source, token) first, in order
+  src_info = jnp.where(jnp.arange(num_ranks * max_tokens)[None, :] < recv_count[:, None], order, -1)
   to_rank = chosen.any(axis=1)  # [R, M]: token t goes to rank r once, whatever its experts there
 
   def move(values):  # [M, W] -> received [E_local, R * M, W], compacted per expert
@@ -77,11 +82,6 @@ def low_latency_dispatch(x, topk_idx, *, num_max_dispatch_tokens_per_rank: int, 
     received = lax.all_to_all(blocks, axis_name, 0, 0, tiled=True)  # [source, t, W]
     rows = received.reshape(num_ranks * max_tokens, -1)[jnp.maximum(src_info, 0)]
     return jnp.where((src_info >= 0)[..., None], rows, jnp.zeros((), values.dtype))
-
-  mask = received_mask.transpose(1, 0, 2).reshape(num_local, num_ranks * max_tokens)  # [e, source * M + t]
-  recv_count = mask.sum(axis=1, dtype=jnp.int32)
-  order = jnp.argsort(~mask, axis=1, stable=True).astype(jnp.int32)  # valid (source, token) first, in order
-  src_info = jnp.where(jnp.arange(num_ranks * max_tokens)[None, :] < recv_count[:, None], order, -1)
   per_source = received_mask.sum(axis=2, dtype=jnp.int32).T  # [e, source]
   layout_range = jnp.stack([jnp.cumsum(per_source, axis=1, dtype=jnp.int32) - per_source, per_source], axis=-1)
   handle = LowLatencyHandle(src_info=src_info, recv_count=recv_count, layout_range=layout_range)

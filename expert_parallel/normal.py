@@ -8,11 +8,12 @@ how many rows were valid and how many did not fit. Call both inside a `shard_map
 
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from backends import select_and_run
 from expert_parallel import routing, transport, validation
 from expert_parallel.types import DispatchHandle, DispatchResult
 
@@ -62,13 +63,15 @@ def dispatch(x, topk_idx, topk_weights, *, num_experts: int, axis_name="ep", cap
   data, scales = validation.check_x(x, tokens)
   topk_weights = validation.check_weights(topk_weights, topk_idx.shape)
   capacity = tokens * num_ranks if capacity is None else capacity
-  if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
-    raise ValueError(f"capacity must be a non-negative int, got {capacity!r}")
+  if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral) or capacity < 1:
+    raise ValueError(f"capacity must be a positive int (rows this rank receives), got {capacity!r}")
+  capacity = int(capacity)
   if num_ranks * max(tokens, capacity) >= 2**31:
     raise ValueError(f"capacity={capacity} rows overflow int32 row indices")
   implementation = _implementation(implementation)
   handle, wanted = routing.plan_dispatch(topk_idx, num_experts=num_experts, num_ranks=num_ranks, capacity=capacity,
-                                         axis_name=axis_name, layout_implementation="xla")
+                                         axis_name=axis_name,
+                                         layout_implementation="ffi" if implementation == "ffi" else "xla")
   move = lambda values: transport.send(values, handle, axis_name, implementation)
   move_raw = lambda values: transport.send_raw(values, handle, axis_name=axis_name, implementation=implementation)
   recv_x = move(data) if scales is None else move_raw(data)
@@ -105,6 +108,8 @@ def combine(y, handle: DispatchHandle, *, topk_weights=None, axis_name="ep",
     handle: the `DispatchHandle` of the dispatch that produced the rows.
     topk_weights: None for DeepEP's unweighted sum; or `[capacity, K]` floating weights (the
       dispatch result's `topk_weights`), which scale each row by the sum of its weights here.
+      That is sum_k w_k * y_k only when a row's output is the same for all its local experts;
+      an MoE weighs each expert's output itself and combines unweighted.
     axis_name: as in dispatch.
     implementation: as in dispatch (need not match it).
 
@@ -115,13 +120,13 @@ def combine(y, handle: DispatchHandle, *, topk_weights=None, axis_name="ep",
   validation.axis_size(axis_name)
   y = validation.array("y", y)
   capacity = handle.recv_slot.shape[0]
-  if y.ndim != 2 or y.shape[0] != capacity or y.dtype not in (jnp.float32, jnp.bfloat16):
-    raise ValueError(f"y must be float32 or bfloat16 [capacity={capacity}, H], got {y.dtype} {y.shape}")
+  if y.ndim != 2 or y.shape[0] != capacity or y.dtype not in validation.X_DTYPES:
+    raise ValueError(f"y must be bfloat16, float32 or float16 [capacity={capacity}, H], got {y.dtype} {y.shape}")
   implementation = _implementation(implementation)
   valid = handle.recv_slot >= 0
+  y = jnp.where(valid[:, None], y, jnp.zeros((), y.dtype))  # first: rows past num_valid may hold anything
   if topk_weights is not None:
     topk_weights = validation.check_weights(topk_weights, (capacity, topk_weights.shape[-1]))
-    scale = topk_weights.astype(jnp.float32).sum(axis=1)
+    scale = jnp.where(valid, topk_weights.astype(jnp.float32).sum(axis=1), 0.0)
     y = (y.astype(jnp.float32) * scale[:, None]).astype(y.dtype)
-  y = jnp.where(valid[:, None], y, jnp.zeros((), y.dtype))
   return transport.send_back(y, handle, axis_name, implementation)

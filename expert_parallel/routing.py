@@ -34,6 +34,17 @@ def get_dispatch_layout(topk_idx, *, num_experts: int, num_ranks: int, implement
   return ffi.dispatch_layout(topk_idx, num_experts=num_experts, num_ranks=num_ranks, implementation=implementation)
 
 
+def per_rank(value: jax.Array, axis_name) -> jax.Array:
+  """Marks a value as varying over `axis_name` (this rank's own) if its type says it is the same everywhere.
+
+  FFI results and fresh constants come out typed alike on every rank inside `shard_map`; a
+  custom VJP's gradient, an all_gather or an out_spec must see them as per-rank values.
+  """
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  missing = tuple(n for n in names if n not in jax.typeof(value).manual_axis_type.varying)
+  return jax.lax.pcast(value, missing, to="varying") if missing else value
+
+
 def local_expert_ids(global_ids: jax.Array, num_local: int, rank) -> jax.Array:
   """Global expert ids -> this rank's local ids in [0, num_local), -1 for other ranks' experts and for -1."""
   local = global_ids - rank * num_local
@@ -51,6 +62,7 @@ def plan_dispatch(topk_idx: jax.Array, *, num_experts: int, num_ranks: int, capa
   per_source = min(tokens, capacity)
   layout = get_dispatch_layout(topk_idx, num_experts=num_experts, num_ranks=num_ranks,
                                implementation=layout_implementation)
+  layout = jax.tree.map(lambda a: per_rank(a, axis_name), layout)
   in_rank = layout.is_token_in_rank
   position = jnp.cumsum(in_rank, axis=0, dtype=jnp.int32) - 1  # row of token t in destination r's block
   keep = in_rank & (position < per_source)

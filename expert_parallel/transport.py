@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 import ffi
+from expert_parallel.routing import per_rank
 from expert_parallel.types import DispatchHandle
 
 PLATFORMS = {"xla": ("cpu", "gpu", "tpu"), "ffi": ("cpu", "gpu"), "ragged": ("gpu", "tpu")}
@@ -91,10 +92,12 @@ def send_raw(values, handle: DispatchHandle, *, axis_name, implementation: str):
     num_ranks, per_source = handle.send_src_idx.shape
     operand = _pack(values, handle, implementation).reshape(num_ranks * per_source, *values.shape[1:])
     output = jnp.zeros((capacity, *values.shape[1:]), values.dtype)
-    return lax.ragged_all_to_all(operand, output, jnp.arange(num_ranks, dtype=jnp.int32) * per_source,
-                                 handle.send_counts, handle.send_offsets, handle.recv_counts, axis_name=axis_name)
-  received = lax.all_to_all(_pack(values, handle, implementation), axis_name, 0, 0, tiled=True)
-  return _place(received, handle)
+    return per_rank(lax.ragged_all_to_all(operand, output, jnp.arange(num_ranks, dtype=jnp.int32) * per_source,
+                                          handle.send_counts, handle.send_offsets, handle.recv_counts,
+                                          axis_name=axis_name), axis_name)
+  packed = per_rank(_pack(values, handle, implementation), axis_name)
+  received = lax.all_to_all(packed, axis_name, 0, 0, tiled=True)
+  return per_rank(_place(received, handle), axis_name)
 
 
 def send_back_raw(rows, handle: DispatchHandle, *, axis_name, implementation: str):
@@ -110,7 +113,7 @@ def send_back_raw(rows, handle: DispatchHandle, *, axis_name, implementation: st
     back = back.reshape(num_ranks, per_source, *rows.shape[1:])
   else:
     back = lax.all_to_all(_blocks(rows, handle), axis_name, 0, 0, tiled=True)
-  return _unpack(back, handle, num_tokens, implementation)
+  return per_rank(_unpack(back, handle, num_tokens, implementation), axis_name)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

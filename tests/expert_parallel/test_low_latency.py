@@ -39,7 +39,11 @@ def test_counts_masked_layout_and_weighted_combine(use_fp8):
     values = fp8.dequantize(*recv) if use_fp8 else recv.astype(jnp.float32)
     valid = jnp.arange(values.shape[1])[None, :, None] < count[:, None, None]
     poisoned = jnp.where(valid, values, jnp.nan)  # rows past recv_count must not be read
-    out = ep.low_latency_combine(poisoned.astype(jnp.bfloat16), topk, w, handle)
+    # Each expert's output differs (x times 1 + its global id / 16), so a row sent to the wrong token or
+    # weighed for the wrong expert shows.
+    expert = jax.lax.axis_index("ep") * num_local + jnp.arange(num_local)
+    y = poisoned * (1 + expert / 16)[:, None, None]
+    out = ep.low_latency_combine(y.astype(jnp.bfloat16), topk, w, handle)
     return values, count, handle, out
 
   values, count, handle, out = helpers.run(fn, x, topk, weights)
@@ -60,7 +64,8 @@ def test_counts_masked_layout_and_weighted_combine(use_fp8):
       np.testing.assert_allclose(block[:, -128:], np.broadcast_to(tokens[:, None], (rows, 128)), rtol=1e-6)
   assert (count.reshape(-1)[3] == 0)  # expert 3 received nothing
   # The combine is weighted: x times the sum of the valid weights (DeepEP: calc_diff < 9e-4 FP8, 1e-5 BF16).
-  want = np.asarray(x, np.float32) * (np.asarray(weights) * (topk_np >= 0)).sum(-1)[..., None]
+  factor = (np.asarray(weights) * (topk_np >= 0) * (1 + topk_np / 16)).sum(-1)
+  want = np.asarray(x, np.float32) * factor[..., None]
   assert fp8.calc_diff(jnp.asarray(out, jnp.float32), jnp.asarray(want)) < (9e-4 if use_fp8 else 1e-5)
   assert not np.isnan(np.asarray(out, np.float32)).any()
 

@@ -59,6 +59,28 @@ def test_gate_matches_deepseeks_algorithm():
   np.testing.assert_allclose(w2, picked / picked.sum(-1, keepdims=True) * 2.5, rtol=1e-6)
 
 
+@pytest.mark.parametrize("scoring_func, with_bias, norm", [("softmax", False, False), ("sigmoid", False, True)])
+def test_gate_variants(scoring_func, with_bias, norm):
+  """V2's softmax without a bias (groups scored by their max), and no normalization."""
+  cfg = ep.GateConfig(num_experts=E, num_experts_per_tok=3, n_group=4, topk_group=2, scoring_func=scoring_func,
+                      norm_topk_prob=norm, routed_scaling_factor=1.5)
+  keys = jax.random.split(jax.random.key(1), 2)
+  x = np.asarray(jax.random.normal(keys[0], (16, H), jnp.float32), np.float64)
+  weight = np.asarray(jax.random.normal(keys[1], (E, H), jnp.float32) / H ** 0.5, np.float64)
+  idx, w, _ = ep.route(jnp.asarray(x, jnp.float32), jnp.asarray(weight, jnp.float32), None, cfg)
+  logits = x @ weight.T
+  scores = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True) if scoring_func == "softmax"
+            else 1 / (1 + np.exp(-logits)))
+  grouped = scores.reshape(16, 4, -1)
+  top_groups = np.argsort(-grouped.max(-1), axis=-1, kind="stable")[:, :2]
+  for t in range(16):
+    allowed = np.concatenate([np.arange(g * 4, g * 4 + 4) for g in top_groups[t]])
+    want = allowed[np.argsort(-scores[t, allowed], kind="stable")[:3]]
+    np.testing.assert_array_equal(np.sort(np.asarray(idx[t])), np.sort(want))
+    picked = scores[t, np.asarray(idx[t])]
+    np.testing.assert_allclose(w[t], (picked / picked.sum() if norm else picked) * 1.5, rtol=1e-5)
+
+
 def test_bad_gate_config_names_the_field():
   with pytest.raises(ValueError, match="topk_group"):
     ep.GateConfig(num_experts=E, num_experts_per_tok=2, n_group=2, topk_group=3)

@@ -118,7 +118,8 @@ def test_fp8_dispatch_carries_the_scales():
     assert not deq[r, n:].any()
 
 
-def test_gradients_are_combines_and_dispatches():
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_gradients_are_combines_and_dispatches(impl):
   topk = helpers.routing(5, T, K, E, empty_slots=6)
   x = helpers.encoded_x(T, H, dtype=jnp.float32, seed=5)
   w = np.random.default_rng(5).random((RANKS, T, K)).astype(np.float32)
@@ -126,8 +127,8 @@ def test_gradients_are_combines_and_dispatches():
 
   def fn(x, topk, w, c):
     def loss(x, w):
-      res, handle = ep.dispatch(x, topk, w, num_experts=E)
-      out = ep.combine(res.x * 2.0, handle, topk_weights=res.topk_weights)
+      res, handle = ep.dispatch(x, topk, w, num_experts=E, implementation=impl)
+      out = ep.combine(res.x * 2.0, handle, topk_weights=res.topk_weights, implementation=impl)
       return (out * c).sum()
     return jax.grad(loss, argnums=(0, 1))(x, w)
 
@@ -136,6 +137,63 @@ def test_gradients_are_combines_and_dispatches():
   valid = topk >= 0
   np.testing.assert_allclose(gx, 2 * c * (w * valid).sum(-1)[..., None], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(gw, 2 * (c * np.asarray(x)).sum(-1)[..., None] * valid, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_dispatch_and_combine_are_adjoint_with_drops(impl):
+  """<dispatch(x), r> = <x, combine(r)>: the custom VJPs (each the other's transpose) hold with drops too."""
+  topk = jnp.asarray(helpers.routing(10, T, K, E, empty_slots=7))
+  x = helpers.encoded_x(T, H, dtype=jnp.float32, seed=10)
+  capacity = 7
+  r = jax.random.normal(jax.random.key(11), (RANKS, capacity, H), jnp.float32)
+
+  def fn(x, topk, r):
+    res, handle = ep.dispatch(x, topk, jnp.ones(topk.shape, jnp.float32), num_experts=E, capacity=capacity,
+                              implementation=impl)
+    back = ep.combine(r, handle, implementation=impl)
+    grad = jax.grad(lambda x: (ep.dispatch(x, topk, jnp.ones(topk.shape, jnp.float32), num_experts=E,
+                                           capacity=capacity, implementation=impl)[0].x * r).sum())(x)
+    return (res.x * r).sum()[None], (x * back).sum()[None], grad, back, res.num_dropped[None]
+
+  forward, adjoint, grad, back, dropped = helpers.run(fn, x, topk, r)
+  assert dropped.sum() > 0
+  np.testing.assert_allclose(forward.sum(), adjoint.sum(), rtol=1e-5)
+  np.testing.assert_allclose(grad, back, rtol=1e-6)  # the backward of dispatch is the combine
+
+
+def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                                axis_name, axis_index_groups=None):
+  """JAX's documented ragged_all_to_all, from all_gathers (XLA:CPU has no kernel for it).
+
+  Source s writes rows `operand_s[input_offsets_s[d] : + send_sizes_s[d]]` into destination d's
+  output at `output_offsets_s[d]` (an offset in the receiver's buffer, given by the sender).
+  recv_sizes must agree with what the sources send; if not, the result is made wrong on purpose.
+  """
+  del axis_index_groups
+  me = jax.lax.axis_index(axis_name)
+  rows = jax.lax.all_gather(operand, axis_name)
+  starts = jax.lax.all_gather(output_offsets, axis_name)[:, me]
+  sizes = jax.lax.all_gather(send_sizes, axis_name)[:, me]
+  sources = jax.lax.all_gather(input_offsets, axis_name)[:, me]
+  i = jnp.arange(output.shape[0])
+  inside = (i[None] >= starts[:, None]) & (i[None] < (starts + sizes)[:, None])
+  source = jnp.argmax(inside, axis=0)
+  row = jnp.clip(sources[source] + i - starts[source], 0, operand.shape[0] - 1)
+  result = jnp.where(inside.any(0).reshape(-1, *([1] * (output.ndim - 1))), rows[source, row], output)
+  return jnp.where((recv_sizes != sizes).any(), jnp.full_like(result, 7), result)
+
+
+def test_ragged_arguments_match_xla_through_an_emulated_collective(monkeypatch):
+  from expert_parallel import transport
+  monkeypatch.setitem(transport.PLATFORMS, "ragged", ("cpu", "gpu"))
+  monkeypatch.setattr(jax.lax, "ragged_all_to_all", _emulated_ragged_all_to_all)
+  topk = jnp.asarray(helpers.routing(12, T, K, E, empty_slots=9))
+  x = helpers.encoded_x(T, H, dtype=jnp.float32, seed=12)
+  w = jnp.ones((RANKS, T, K), jnp.float32)
+  for capacity in (None, 9):
+    ragged, xla = (helpers.run(_dispatch(impl, capacity=capacity, with_combine=True), x, topk, w)
+                   for impl in ("ragged", "xla"))
+    jax.tree.map(np.testing.assert_array_equal, ragged, xla)
 
 
 def test_ragged_lowers_for_gpu_from_this_host(monkeypatch):
@@ -171,7 +229,7 @@ def test_bad_input_names_the_argument():
       (lambda x, t, w: ep.dispatch(x[:3], t, w, num_experts=E), "tokens"),
       (lambda x, t, w: ep.dispatch(x, t.astype(jnp.float32), w, num_experts=E), "topk_idx"),
       (lambda x, t, w: ep.dispatch(x, t, w[:, :2], num_experts=E), "topk_weights"),
-      (lambda x, t, w: ep.dispatch(x, t, w, num_experts=E, capacity=-1), "capacity"),
+      (lambda x, t, w: ep.dispatch(x, t, w, num_experts=E, capacity=0), "capacity"),
       (lambda x, t, w: ep.dispatch(x, t, w, num_experts=E, expert_alignment=0), "expert_alignment"),
       (lambda x, t, w: ep.dispatch(x, t, w, num_experts=E, implementation="nccl"), "implementation"),
       (lambda x, t, w: ep.dispatch(x.astype(jnp.int32), t, w, num_experts=E), "x must be"),
