@@ -143,19 +143,25 @@ def init_params(key, config: MoEConfig, *, num_slots: int | None = None, dtype=j
 
 
 class MoE(nnx.Module):
-  """The MoE layer as a Flax NNX module; `bias` is a non-trained `nnx.Variable` (DeepSeek adjusts it by load)."""
+  """The MoE layer as a Flax NNX module.
 
-  def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+  `bias` (V3's e_score_correction_bias, zeros at init; absent with `score_bias=False`, as in V2)
+  is a non-trained `nnx.Variable`: DeepSeek adjusts it from the expert load, not by gradient.
+  """
+
+  def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, score_bias: bool = True):
     self.config = config
     params = init_params(rngs.params(), config, dtype=dtype)
-    self.bias = nnx.Variable(params.pop("bias"))
+    bias = params.pop("bias")
+    self.bias = nnx.Variable(jnp.zeros_like(bias)) if score_bias else None
     for name, value in params.items():
       setattr(self, name, nnx.Param(value))
 
   def params(self) -> dict:
     names = ("gate", "w_gate", "w_up", "w_down", "shared_gate", "shared_up", "shared_down")
     out = {name: getattr(self, name)[...] for name in names if hasattr(self, name)}
-    out["bias"] = self.bias[...]
+    if self.bias is not None:
+      out["bias"] = self.bias[...]
     return out
 
   def __call__(self, x, **kwargs) -> MoEOutput:
