@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -74,6 +75,7 @@ class DeepseekV3(nnx.Module):
 
   def hidden_states(self, tokens, positions=None, *, segment_ids=None, moe_kwargs=None):
     """`tokens [b, s]` -> `(hidden [b, s, H] before the final norm, expert_counts [num_moe_layers, E])`."""
+    _check_tokens(tokens, positions, vocab_size=self.config.vocab_size)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     x = self.embed_tokens(tokens)
@@ -140,6 +142,7 @@ class DeepseekV3(nnx.Module):
     Returns:
       `(logits [b, s, vocab] float32, cache)`.
     """
+    _check_tokens(tokens, positions, vocab_size=self.config.vocab_size)
     x = self.embed_tokens(tokens)
     segment_ids = (positions >= 0).astype(jnp.int32)  # padding attends only to padding
     safe = jnp.maximum(positions, 0)
@@ -164,6 +167,7 @@ class DeepseekV3(nnx.Module):
       `(logits [b, s_q, vocab] float32, cache)`.
     """
     c = self.config
+    _check_tokens(tokens, positions, vocab_size=c.vocab_size)
     seqlens = positions[:, -1] + 1
     kwargs = {} if num_sms is None else {"num_sms": num_sms}
     metadata = mla.get_mla_metadata(seqlens, tokens.shape[1] * c.num_attention_heads, 1, **kwargs)
@@ -174,6 +178,19 @@ class DeepseekV3(nnx.Module):
       x = layer.decode(x, positions, cache[i], block_table, seqlens, metadata, moe_kwargs=moe_kwargs,
                        implementation=implementation)
     return self._head(x, self.norm).astype(jnp.float32), cache
+
+
+def _check_tokens(tokens, positions=None, *, vocab_size: int) -> None:
+  """ValueError naming the argument: tokens `[b, s]` integer, positions the same shape (when given)."""
+  if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"tokens must be integer [batch, seq], got {tokens.dtype} {tokens.shape}")
+  if positions is not None and (positions.shape != tokens.shape or not jnp.issubdtype(positions.dtype, jnp.integer)):
+    raise ValueError(f"positions must be integer {tokens.shape} like tokens, got {positions.dtype} {positions.shape}")
+  if not isinstance(tokens, jax.core.Tracer) and tokens.size:
+    values = np.asarray(tokens)  # concrete: checked on the host, also while an outer jit traces
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= vocab_size:
+      raise ValueError(f"tokens hold ids in [{low}, {high}], outside the vocabulary [0, {vocab_size})")
 
 
 def _stack_counts(counts, config: ModelConfig) -> jax.Array:

@@ -82,3 +82,13 @@ def test_prefill_then_decode_equals_the_full_forward(net):
   # 0.032 on logits up to 3.8) and pick the same next tokens.
   np.testing.assert_allclose(got, want, rtol=0.05, atol=0.05)
   np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_bad_tokens_name_the_argument(net):
+  with pytest.raises(ValueError, match="tokens must be integer"):
+    net(jnp.zeros((2, 3), jnp.float32))
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    net(jnp.full((1, 3), CFG.vocab_size, jnp.int32))
+  with pytest.raises(ValueError, match="positions must be"):
+    net.decode(jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 3), jnp.int32), net.init_cache(2),
+               jnp.zeros((1, 2), jnp.int32))
