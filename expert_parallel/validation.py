@@ -6,8 +6,8 @@ import numbers
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+import ffi.dispatch
 from fp8.formats import BLOCK
 
 X_DTYPES = (jnp.bfloat16, jnp.float32, jnp.float16)
@@ -24,19 +24,8 @@ def array(name: str, value) -> jax.Array:
 
 
 def check_topk(topk_idx, num_experts: int, num_ranks: int) -> jax.Array:
-  """`[T, K]` int32 global expert ids in [-1, num_experts); experts split evenly over the ranks."""
-  topk_idx = array("topk_idx", topk_idx)
-  if topk_idx.ndim != 2 or topk_idx.dtype != jnp.int32:
-    raise ValueError(f"topk_idx must be int32 [num_tokens, num_topk], got {topk_idx.dtype} {topk_idx.shape}")
-  if num_experts % num_ranks:
-    raise ValueError(f"num_experts={num_experts} must be a multiple of the ep axis size {num_ranks}")
-  if not isinstance(topk_idx, jax.core.Tracer):
-    values = np.asarray(topk_idx)
-    bad = (values < -1) | (values >= num_experts)
-    if bad.any():
-      where = tuple(int(i) for i in np.argwhere(bad)[0])
-      raise ValueError(f"topk_idx{list(where)}={values[where]} is outside [-1, num_experts={num_experts})")
-  return topk_idx
+  """`[T, K]` int32 global expert ids in [-1, num_experts); experts split evenly over the ranks (ffi's check)."""
+  return ffi.dispatch.check_topk(topk_idx, num_experts, num_ranks)
 
 
 def check_x(x, num_tokens: int):

@@ -105,7 +105,8 @@ def _positive_int(name: str, value) -> int:
   return int(value)
 
 
-def _check_topk(topk_idx, num_experts: int, num_ranks: int) -> jax.Array:
+def check_topk(topk_idx, num_experts: int, num_ranks: int) -> jax.Array:
+  """`[T, K]` int32 expert ids in [-1, num_experts) (checked when concrete), experts split evenly over ranks."""
   topk_idx = topk_idx if isinstance(topk_idx, jax.Array) else jnp.asarray(topk_idx)
   if topk_idx.ndim != 2 or topk_idx.dtype != jnp.int32:
     raise ValueError(f"topk_idx must be int32 [num_tokens, num_topk], got {topk_idx.dtype} {topk_idx.shape}")
@@ -137,7 +138,7 @@ def dispatch_layout(topk_idx, *, num_experts: int, num_ranks: int,
     live there, and once per (token, k) entry for the expert counts.
   """
   num_experts, num_ranks = _positive_int("num_experts", num_experts), _positive_int("num_ranks", num_ranks)
-  topk_idx = _check_topk(topk_idx, num_experts, num_ranks)
+  topk_idx = check_topk(topk_idx, num_experts, num_ranks)
   return DispatchLayout(*_run("dispatch_layout", implementation, topk_idx, num_experts=num_experts,
                               num_ranks=num_ranks))
 
@@ -163,7 +164,7 @@ def dispatch_pack(x, topk_idx, *, num_experts: int, num_ranks: int, capacity: in
     num_dropped [R])`.
   """
   num_experts, num_ranks = _positive_int("num_experts", num_experts), _positive_int("num_ranks", num_ranks)
-  topk_idx = _check_topk(topk_idx, num_experts, num_ranks)
+  topk_idx = check_topk(topk_idx, num_experts, num_ranks)
   x = x if isinstance(x, jax.Array) else jnp.asarray(x)
   if x.ndim != 2 or x.shape[0] != topk_idx.shape[0]:
     raise ValueError(f"x must be [num_tokens={topk_idx.shape[0]}, hidden], got shape {x.shape}")
