@@ -1,13 +1,17 @@
-"""The DeepSeek-V3 architecture in Flax NNX (in progress).
+"""The DeepSeek-V3 architecture in Flax NNX, with Hugging Face safetensors checkpoints.
 
-Built: `ModelConfig` (read from a Hugging Face `config.json`, validated, with tiny presets), the
-layers (`model.layers`: RMSNorm, YaRN RoPE, MLA expanded and absorbed, the dense MLP, the
-decoder layer with `expert_parallel`'s MoE), and `DeepseekV3` with MTP: logits, the training
-loss, and prefill / decode over paged latent caches. Still to come: the safetensors checkpoints
-in bf16 and FP8 (`from_pretrained`, `save_pretrained`) and the check against Hugging Face.
+`ModelConfig` (read from a Hugging Face `config.json`, validated, with tiny presets), the layers
+(`model.layers`: RMSNorm, YaRN RoPE, MLA expanded and absorbed, the dense MLP, the decoder
+layer with `expert_parallel`'s MoE), `DeepseekV3` with MTP (logits, the training loss, prefill
+and decode over paged latent caches), and `from_pretrained` / `save_pretrained` for DeepSeek's
+checkpoint format in bf16, f32 or FP8 (`model.checkpoint`), placed on a mesh by
+`model.sharding`'s layout.
 """
 
+from model.checkpoint import from_pretrained, save_pretrained
 from model.config import PRESETS, ModelConfig, YarnScaling
+from model.sharding import shard_model
 from model.transformer import DeepseekV3, LossOutput, MTPModule
 
-__all__ = ["PRESETS", "DeepseekV3", "LossOutput", "MTPModule", "ModelConfig", "YarnScaling"]
+__all__ = ["PRESETS", "DeepseekV3", "LossOutput", "MTPModule", "ModelConfig", "YarnScaling", "from_pretrained",
+           "save_pretrained", "shard_model"]

@@ -86,6 +86,7 @@ class ModelConfig:
   num_nextn_predict_layers: int = 0
   rms_norm_eps: float = 1e-6
   tie_word_embeddings: bool = False
+  rope_interleave: bool = True  # RoPE pairs (2i, 2i+1), DeepSeek's layout; False: (i, i + d/2)
 
   def __post_init__(self):
     positive = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
@@ -104,6 +105,8 @@ class ModelConfig:
       raise ValueError(f"scoring_func must be one of {SCORING_FUNCS}, got {self.scoring_func!r}")
     if self.topk_method not in TOPK_METHODS:
       raise ValueError(f"topk_method must be one of {TOPK_METHODS}, got {self.topk_method!r}")
+    if not isinstance(self.rope_interleave, bool):
+      raise ValueError(f"rope_interleave must be a bool, got {self.rope_interleave!r}")
     for name in ("rope_theta", "rms_norm_eps", "routed_scaling_factor"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, numbers.Real) or value <= 0:
@@ -149,6 +152,7 @@ class ModelConfig:
         path = os.path.join(path, "config.json")
       with open(path) as f:
         config = json.load(f)
+    config = _legacy_rope(config)
     fields = {f.name for f in dataclasses.fields(cls)}
     missing = [f.name for f in dataclasses.fields(cls)
                if f.default is dataclasses.MISSING and f.name not in config]
@@ -169,6 +173,30 @@ class ModelConfig:
     if name not in PRESETS:
       raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     return PRESETS[name]
+
+
+def _legacy_rope(config: Mapping[str, Any]) -> dict[str, Any]:
+  """transformers 5 writes `rope_parameters` (theta inside) instead of `rope_theta` + `rope_scaling`: read either."""
+  config = dict(config)
+  params = config.pop("rope_parameters", None)
+  if params is None:
+    return config
+  if not isinstance(params, Mapping):
+    raise ValueError(f"rope_parameters must be a dict, got {type(params).__name__}")
+  params = dict(params)
+  theta = params.pop("rope_theta", config.get("rope_theta", 10000.0))
+  if "rope_theta" in config and config["rope_theta"] != theta:
+    raise ValueError(f"rope_theta={config['rope_theta']} conflicts with rope_parameters['rope_theta']={theta}")
+  if params.pop("truncate", True) is not True:
+    raise ValueError("rope_parameters['truncate']=False is not DeepSeek's YaRN (its correction range is truncated)")
+  if params.pop("attention_factor", None) is not None:
+    raise ValueError("rope_parameters['attention_factor'] is not supported: DeepSeek's YaRN derives it from mscale")
+  kind = params.get("rope_type", params.get("type", "default"))
+  scaling = None if kind == "default" else params
+  if config.get("rope_scaling") not in (None, scaling):
+    raise ValueError(f"rope_scaling={config['rope_scaling']} conflicts with rope_parameters={params}")
+  config.update(rope_theta=theta, rope_scaling=scaling)
+  return config
 
 
 def _check_int(name: str, value, *, minimum: int) -> None:

@@ -57,14 +57,15 @@ class MLA(nnx.Module):
     q = self.q_proj(x) if c.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
     q = q.reshape(*x.shape[:-1], c.num_attention_heads, c.qk_head_dim)
     q_nope, q_rope = q[..., :c.qk_nope_head_dim], q[..., c.qk_nope_head_dim:]
-    return q_nope, apply_rotary(q_rope, *rotary_tables(c, positions))
+    return q_nope, apply_rotary(q_rope, *rotary_tables(c, positions), interleaved=c.rope_interleave)
 
   def latent(self, x, positions) -> jax.Array:
     """What the paged cache holds per token: `[b, s, kv_lora_rank + rope]` = (normed latent, rotated k_rope)."""
     c = self.config
     compressed = self.kv_a_proj_with_mqa(x)
     latent = self.kv_a_layernorm(compressed[..., :c.kv_lora_rank])
-    k_rope = apply_rotary(compressed[..., None, c.kv_lora_rank:], *rotary_tables(c, positions))[..., 0, :]
+    k_rope = apply_rotary(compressed[..., None, c.kv_lora_rank:], *rotary_tables(c, positions),
+                          interleaved=c.rope_interleave)[..., 0, :]
     return jnp.concatenate([latent, k_rope], axis=-1)
 
   def _up_projections(self):

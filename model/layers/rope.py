@@ -9,7 +9,8 @@ and cos/sin are scaled by `mscale(factor, mscale) / mscale(factor, mscale_all_di
 
 Pairs are interleaved: `(x[2i], x[2i+1])` rotates by `position * inv_freq[i]` (DeepSeek's
 complex-number form). Hugging Face's DeepseekV3 returns the same values de-interleaved (evens,
-then odds); attention scores are the same either way.
+then odds); attention scores are the same either way. With `rope_interleave=False` the pairs
+are `(x[i], x[i + d/2])`.
 """
 
 from __future__ import annotations
@@ -65,18 +66,30 @@ class RotaryEmbedding:
   def __init__(self, config: ModelConfig):
     inv_freq, multiplier = yarn_inv_freq(config.qk_rope_head_dim, config.rope_theta, config.rope_scaling)
     angles = np.outer(np.arange(config.max_position_embeddings, dtype=np.float32), inv_freq)
+    self.interleaved = config.rope_interleave
     self.cos = jnp.asarray(np.cos(angles) * multiplier, jnp.float32)  # [max_positions, d / 2]
     self.sin = jnp.asarray(np.sin(angles) * multiplier, jnp.float32)
 
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     """`x [..., seq, heads, d]` rotated at `positions [..., seq]` (int); dtype kept."""
-    return apply_rotary(x, self.cos[positions], self.sin[positions])
+    return apply_rotary(x, self.cos[positions], self.sin[positions], interleaved=self.interleaved)
 
 
-def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotates interleaved pairs: `x [..., seq, heads, d]`, `cos`/`sin [..., seq, d / 2]` -> x's shape and dtype."""
-  pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
-  even, odd = pairs[..., 0], pairs[..., 1]
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array, *, interleaved: bool = True) -> jax.Array:
+  """Rotates pairs: `x [..., seq, heads, d]`, `cos`/`sin [..., seq, d / 2]` -> x's shape and dtype.
+
+  Pair i is `(x[2i], x[2i+1])` when interleaved (DeepSeek's weights), else `(x[i], x[i + d/2])`
+  (`rope_interleave=False` in a Hugging Face config).
+  """
+  x32 = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  if interleaved:
+    pairs = x32.reshape(*x.shape[:-1], half, 2)
+    first, second = pairs[..., 0], pairs[..., 1]
+  else:
+    first, second = x32[..., :half], x32[..., half:]
   cos, sin = cos[..., None, :], sin[..., None, :]  # broadcast over heads
-  rotated = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
-  return rotated.reshape(x.shape).astype(x.dtype)
+  rotated = (first * cos - second * sin, first * sin + second * cos)
+  if interleaved:
+    return jnp.stack(rotated, axis=-1).reshape(x.shape).astype(x.dtype)
+  return jnp.concatenate(rotated, axis=-1).astype(x.dtype)

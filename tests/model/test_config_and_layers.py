@@ -50,6 +50,32 @@ def test_reads_v3_and_v2_lite_config_files(tmp_path):
   assert ModelConfig.preset("tiny").num_hidden_layers == 4
 
 
+def test_reads_transformers_5_rope_parameters():
+  legacy = ModelConfig.from_hf(V3)
+  v5 = {k: v for k, v in V3.items() if k not in ("rope_theta", "rope_scaling")}
+  v5["rope_parameters"] = {**V3["rope_scaling"], "rope_type": "yarn", "rope_theta": 10000.0}
+  assert ModelConfig.from_hf(v5) == legacy
+  plain = ModelConfig.from_hf({**v5, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}})
+  assert plain.rope_scaling is None and plain.rope_theta == 5e5
+  assert not ModelConfig.from_hf({**V3, "rope_interleave": False}).rope_interleave
+  for bad, match in [({"rope_theta": 1.0}, "conflicts"), ({"rope_parameters": {"rope_type": "yarn", "factor": 4,
+                                                                               "attention_factor": 2.0}},
+                                                        "attention_factor"),
+                     ({"rope_parameters": "yarn"}, "rope_parameters must be a dict"),
+                     ({"rope_interleave": "yes"}, "rope_interleave")]:
+    with pytest.raises(ValueError, match=match):
+      ModelConfig.from_hf({**v5, **bad})
+
+
+def test_rope_halves_are_interleaved_pairs_reordered():
+  x = jax.random.normal(jax.random.key(4), (2, 5, 3, 8), jnp.float32)
+  angles = jax.random.uniform(jax.random.key(5), (2, 5, 4)) * 6
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  order = np.concatenate([np.arange(0, 8, 2), np.arange(1, 8, 2)])  # interleaved -> halves layout
+  np.testing.assert_allclose(apply_rotary(x[..., order], cos, sin, interleaved=False),
+                             apply_rotary(x, cos, sin)[..., order], rtol=1e-6)
+
+
 @pytest.mark.parametrize("change, match", [
     ({"qk_rope_head_dim": 63}, "qk_rope_head_dim"),
     ({"scoring_func": "relu"}, "scoring_func"),
