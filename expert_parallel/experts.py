@@ -39,13 +39,15 @@ def routed_ffn(rows, local_idx, weights, w_gate, w_up, w_down, *, use_fp8: bool 
       [N, H / 128])`.
     local_idx: `[N, K]` int32 local expert ids in [0, G), -1 = none.
     weights: `[N, K]` float routing weights.
-    w_gate, w_up: `[G, I, H]`; w_down: `[G, H, I]` (float; quantized per call with use_fp8).
+    w_gate, w_up: `[G, I, H]`; w_down: `[G, H, I]`: float (quantized per call with use_fp8), or
+      already block-quantized pairs `(float8_e4m3fn, float32 [G, ., .] 128x128 scales)` (used
+      as stored with use_fp8, dequantized to the rows' dtype without).
     use_fp8: the contiguous-layout FP8 GEMMs instead of `ragged_dot`.
 
   Returns:
     `[N, H]` float32.
   """
-  num_groups = w_gate.shape[0]
+  num_groups = _data(w_gate).shape[0]
   num_rows, topk = local_idx.shape
   order, group_sizes, sorted_group = _pairs(local_idx, num_groups)
   pair_row = order // topk
@@ -55,6 +57,7 @@ def routed_ffn(rows, local_idx, weights, w_gate, w_up, w_down, *, use_fp8: bool 
     out = _contiguous_fp8(rows, pair_row, sorted_group, group_sizes, w_gate, w_up, w_down)
   else:
     x = rows[pair_row]
+    w_gate, w_up, w_down = (fp8.dense(w, x.dtype) for w in (w_gate, w_up, w_down))
     gate_up = jnp.concatenate([w_gate, w_up], axis=1)  # [G, 2I, H]
     hidden = jax.lax.ragged_dot(x, gate_up.transpose(0, 2, 1).astype(x.dtype), group_sizes,
                                 preferred_element_type=jnp.float32)
@@ -68,7 +71,7 @@ def routed_ffn(rows, local_idx, weights, w_gate, w_up, w_down, *, use_fp8: bool 
 def _contiguous_fp8(rows, pair_row, sorted_group, group_sizes, w_gate, w_up, w_down):
   """Sorted pairs -> DeepGEMM's contiguous layout -> two FP8 grouped GEMMs -> `[P, H]` float32 per pair."""
   data, scales = rows
-  num_groups = w_gate.shape[0]
+  num_groups = _data(w_gate).shape[0]
   pairs = pair_row.shape[0]
   align = fp8.get_m_alignment_for_contiguous_layout()
   m_sum = -(-(pairs + num_groups * (align - 1)) // align) * align  # room for every group's padding
@@ -78,17 +81,32 @@ def _contiguous_fp8(rows, pair_row, sorted_group, group_sizes, w_gate, w_up, w_d
                        starts[jnp.minimum(sorted_group, num_groups - 1)] + jnp.arange(pairs) - first_of_group, m_sum)
   a = jnp.zeros((m_sum, data.shape[1]), data.dtype).at[position].set(data[pair_row], mode="drop")
   sa = jnp.zeros((m_sum, scales.shape[1]), scales.dtype).at[position].set(scales[pair_row], mode="drop")
-  gate_up = fp8.quantize_per_block(jnp.concatenate([w_gate, w_up], axis=1))
-  hidden = fp8.m_grouped_gemm_nt_contiguous((a, sa), gate_up, m_indices, out_dtype=jnp.float32)
+  hidden = fp8.m_grouped_gemm_nt_contiguous((a, sa), _gate_up(w_gate, w_up), m_indices, out_dtype=jnp.float32)
   act = fp8.quantize_per_token(swiglu(hidden))
-  out = fp8.m_grouped_gemm_nt_contiguous(act, fp8.quantize_per_block(w_down), m_indices, out_dtype=jnp.float32)
+  out = fp8.m_grouped_gemm_nt_contiguous(act, fp8.block_quantized(w_down), m_indices, out_dtype=jnp.float32)
   return out[jnp.minimum(position, m_sum - 1)]
 
 
 def masked_ffn(recv, recv_count, w_gate, w_up, w_down, *, expected_m: int) -> jax.Array:
-  """Low-latency experts: `[G, M', H]` FP8 rows (first recv_count[g] valid) -> `[G, M', H]` bfloat16."""
-  gate_up = fp8.quantize_per_block(jnp.concatenate([w_gate, w_up], axis=1))
-  hidden = fp8.m_grouped_gemm_nt_masked(recv, gate_up, recv_count, expected_m, out_dtype=jnp.float32)
+  """Low-latency experts: `[G, M', H]` FP8 rows (first recv_count[g] valid) -> `[G, M', H]` bfloat16.
+
+  Weights as `routed_ffn`'s: float (quantized per call) or block-quantized pairs (used as stored).
+  """
+  hidden = fp8.m_grouped_gemm_nt_masked(recv, _gate_up(w_gate, w_up), recv_count, expected_m, out_dtype=jnp.float32)
   act = fp8.quantize_per_token(swiglu(hidden))
-  return fp8.m_grouped_gemm_nt_masked(act, fp8.quantize_per_block(w_down), recv_count, expected_m,
+  return fp8.m_grouped_gemm_nt_masked(act, fp8.block_quantized(w_down), recv_count, expected_m,
                                       out_dtype=jnp.bfloat16)
+
+
+def _data(w):
+  return w[0] if isinstance(w, (tuple, list)) else w
+
+
+def _gate_up(w_gate, w_up):
+  """gate and up fused along the output axis `[G, 2I, H]`, block-quantized (pairs concatenated as stored)."""
+  if not isinstance(w_gate, (tuple, list)):
+    return fp8.quantize_per_block(jnp.concatenate([w_gate, w_up], axis=1))
+  if w_gate[0].shape[1] % fp8.formats.BLOCK:
+    raise ValueError(f"stored FP8 experts need moe_intermediate_size divisible by {fp8.formats.BLOCK} to fuse gate "
+                     f"and up, got {w_gate[0].shape[1]}")
+  return tuple(jnp.concatenate([g, u], axis=1) for g, u in zip(w_gate, w_up))

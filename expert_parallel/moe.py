@@ -10,6 +10,9 @@ Params (E logical experts, P >= E physical slots, H hidden, I = moe_intermediate
   gate [E, H], bias [E] (e_score_correction_bias, selection only),
   w_gate, w_up [P, I, H], w_down [P, H, I] (this rank's P / R slots under shard_map),
   shared_gate, shared_up [S * I, H], shared_down [H, S * I] (absent when S = 0).
+Any weight may be stored in FP8, as a DeepSeek-V3 FP8 checkpoint holds it: float8_e4m3fn with
+`{name}_scale_inv` float32 128x128 block scales (`[P, I/128, H/128]` for `w_gate`). The FP8
+paths then use it as stored; float paths dequantize it.
 """
 
 from __future__ import annotations
@@ -46,12 +49,29 @@ class MoEOutput(NamedTuple):
   num_dropped: jax.Array  # [] int32 rows the dispatch dropped (capacity), summed over every rank
 
 
+SCALE_SUFFIX = "_scale_inv"
+
+
+def weight(params: dict, name: str):
+  """`params[name]`, or `(fp8 data, scales)` when it is stored in FP8 with `{name}_scale_inv`."""
+  if name + SCALE_SUFFIX in params:
+    return params[name], params[name + SCALE_SUFFIX]
+  return params[name]
+
+
+def _project(x, w):
+  """`x @ w.T` for a float `[n, k]` weight, or through the FP8 GEMM for a stored FP8 one."""
+  if isinstance(w, tuple):
+    return fp8.matmul_quantized(x, w)
+  return x @ w.T.astype(x.dtype)
+
+
 def _shared(params, x):
   if "shared_gate" not in params:
     return jnp.zeros(x.shape, jnp.float32)
-  hidden = jnp.concatenate([x @ params["shared_gate"].T.astype(x.dtype), x @ params["shared_up"].T.astype(x.dtype)],
+  hidden = jnp.concatenate([_project(x, weight(params, "shared_gate")), _project(x, weight(params, "shared_up"))],
                            axis=-1)
-  return experts.swiglu(hidden).astype(x.dtype) @ params["shared_down"].T.astype(x.dtype)
+  return _project(experts.swiglu(hidden).astype(x.dtype), weight(params, "shared_down"))
 
 
 def _route(params, x, config: MoEConfig, axis_name, placement: Placement | None):
@@ -86,12 +106,12 @@ def moe_forward(params, x, config: MoEConfig, *, axis_name=None, capacity: int |
   """
   topk_idx, topk_weights, counts = _route(params, x, config, axis_name, placement)
   rows = fp8.quantize_per_token(x) if use_fp8 else x
-  w = (params["w_gate"], params["w_up"], params["w_down"])
+  w = tuple(weight(params, name) for name in ("w_gate", "w_up", "w_down"))
   if axis_name is None:
     routed = experts.routed_ffn(rows, topk_idx, topk_weights, *w, use_fp8=use_fp8)
     dropped = jnp.zeros((), jnp.int32)
   else:
-    num_slots = w[0].shape[0] * jax.lax.axis_size(axis_name)
+    num_slots = params["w_gate"].shape[0] * jax.lax.axis_size(axis_name)
     result, handle = normal.dispatch(rows, topk_idx, topk_weights, num_experts=num_slots, axis_name=axis_name,
                                      capacity=capacity, implementation=implementation)
     received = (result.x, result.x_scales) if use_fp8 else result.x
@@ -116,15 +136,20 @@ def moe_decode(params, x, config: MoEConfig, *, axis_name="ep", num_max_dispatch
   recv, recv_count, handle = low_latency.low_latency_dispatch(
       x, topk_idx, num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank, num_experts=num_slots,
       axis_name=axis_name)
-  y = experts.masked_ffn(recv, recv_count, params["w_gate"], params["w_up"], params["w_down"],
+  y = experts.masked_ffn(recv, recv_count, *(weight(params, name) for name in ("w_gate", "w_up", "w_down")),
                          expected_m=num_max_dispatch_tokens_per_rank)
   routed = low_latency.low_latency_combine(y, topk_idx, topk_weights, handle, axis_name=axis_name)
   out = routed.astype(jnp.float32) + _shared(params, x).astype(jnp.float32)
   return MoEOutput(out.astype(x.dtype), counts, jnp.zeros((), jnp.int32))
 
 
-def init_params(key, config: MoEConfig, *, num_slots: int | None = None, dtype=jnp.float32) -> dict:
-  """Random params (normal / sqrt(fan_in)); `num_slots` physical expert slots (default E)."""
+def init_params(key, config: MoEConfig, *, num_slots: int | None = None, dtype=jnp.float32,
+                fp8_weights: bool = False) -> dict:
+  """Random params (normal / sqrt(fan_in)); `num_slots` physical expert slots (default E).
+
+  With `fp8_weights`, the expert weights (routed and shared) are block-quantized as an FP8
+  checkpoint stores them (`{name}_scale_inv` beside each).
+  """
   num_experts, hidden, inter = config.gate.num_experts, config.hidden_size, config.moe_intermediate_size
   slots = num_experts if num_slots is None else num_slots
   keys = jax.random.split(key, 8)
@@ -139,6 +164,10 @@ def init_params(key, config: MoEConfig, *, num_slots: int | None = None, dtype=j
     params.update(shared_gate=normal_(keys[5], (shared, hidden), hidden),
                   shared_up=normal_(keys[6], (shared, hidden), hidden),
                   shared_down=normal_(keys[7], (hidden, shared), shared))
+  if fp8_weights:
+    for name in ("w_gate", "w_up", "w_down", "shared_gate", "shared_up", "shared_down"):
+      if name in params:
+        params[name], params[name + SCALE_SUFFIX] = fp8.quantize_per_block(params[name].astype(jnp.float32))
   return params
 
 
@@ -149,9 +178,10 @@ class MoE(nnx.Module):
   is a non-trained `nnx.Variable`: DeepSeek adjusts it from the expert load, not by gradient.
   """
 
-  def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, score_bias: bool = True):
+  def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, score_bias: bool = True,
+               fp8_weights: bool = False):
     self.config = config
-    params = init_params(rngs.params(), config, dtype=dtype)
+    params = init_params(rngs.params(), config, dtype=dtype, fp8_weights=fp8_weights)
     bias = params.pop("bias")
     self.bias = nnx.Variable(jnp.zeros_like(bias)) if score_bias else None
     for name, value in params.items():
@@ -159,6 +189,7 @@ class MoE(nnx.Module):
 
   def params(self) -> dict:
     names = ("gate", "w_gate", "w_up", "w_down", "shared_gate", "shared_up", "shared_down")
+    names += tuple(name + SCALE_SUFFIX for name in names[1:])
     out = {name: getattr(self, name)[...] for name in names if hasattr(self, name)}
     if self.bias is not None:
       out["bias"] = self.bias[...]

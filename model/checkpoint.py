@@ -46,7 +46,8 @@ QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_met
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, mesh: Mesh | None = None,
-                    mtp: bool | None = None, config: ModelConfig | None = None) -> DeepseekV3:
+                    fp8_weights: bool = False, mtp: bool | None = None,
+                    config: ModelConfig | None = None) -> DeepseekV3:
   """Loads a Hugging Face DeepSeek-V3 (or V2) safetensors directory into a `DeepseekV3`.
 
   Args:
@@ -56,6 +57,9 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, mesh: Mesh |
       weights are dequantized into it.
     mesh: where to place the parameters (`model.sharding`: experts over `ep`, the rest
       replicated); None: the default device.
+    fp8_weights: keep an FP8 checkpoint's projections in FP8 as stored, with their scales, and
+      run them through FP8 GEMMs (`DeepseekV3(fp8_weights=True)`, inference only). False:
+      dequantize them into dtype.
     mtp: load the MTP modules. None: load them when the checkpoint has them, else build the
       model without MTP and log that (transformers saves no MTP layers). True: they must be there.
     config: overrides `config.json`.
@@ -65,19 +69,31 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, mesh: Mesh |
     a dtype a weight cannot have, or a truncated file.
   """
   path = os.fspath(path)
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    raise ValueError(f"dtype must be float32, bfloat16 or float16, got {jnp.dtype(dtype)}")
   config = ModelConfig.from_hf(path) if config is None else config
   with CheckpointFiles(path) as files:
     config = _with_mtp(config, files, mtp, path)
-    _check_quantization(path, config)
-    abstract = nnx.eval_shape(lambda: DeepseekV3(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
+    quantized = _check_quantization(path)
+    if fp8_weights and not quantized:
+      raise ValueError(f"fp8_weights=True needs an FP8 checkpoint; {path}/config.json has no quantization_config "
+                       "(write one with save_pretrained(..., fp8=True))")
+    abstract = nnx.eval_shape(lambda: DeepseekV3(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype,
+                                                 fp8_weights=fp8_weights))
     graphdef, state = nnx.split(abstract)
-    leaves = []
+    leaves, used = [], set(hf_names.mtp_copies(config))
     for state_path, variable in nnx.to_flat_state(state):
       spec = variable.get_value()
       source = hf_names.source(state_path, config)
       target = _sharding(state_path, spec.shape, mesh)
       value = _load(files, source, spec.shape, spec.dtype, target)
       leaves.append((state_path, variable.replace(value)))
+      used.update(source.names)
+      used.update(name + hf_names.SCALE_SUFFIX for name in source.names)
+    unused = sorted(files.names() - used, key=_natural_key)
+    if unused:
+      logging.warning("%s: %d checkpoint tensors are not part of this model and were not loaded: %s%s", path,
+                      len(unused), ", ".join(unused[:5]), ", ..." if len(unused) > 5 else "")
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
@@ -116,7 +132,7 @@ def save_pretrained(model: DeepseekV3, path: str | os.PathLike, *, fp8: bool = F
       write_shards(staging, tensors, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
       hf = config.to_hf()
       hf["torch_dtype"] = str(np.dtype(model.embed_tokens.embedding[...].dtype))
-      if fp8:
+      if fp8 or any(np.dtype(dtype) == np.dtype(jnp.float8_e4m3fn) for _, _, dtype, _ in tensors):
         hf["quantization_config"] = dict(QUANTIZATION_CONFIG)
       with open(os.path.join(staging, "config.json"), "w") as f:
         json.dump(hf, f, indent=2, sort_keys=True)
@@ -142,15 +158,17 @@ def _with_mtp(config: ModelConfig, files: CheckpointFiles, mtp: bool | None, pat
   return config
 
 
-def _check_quantization(path: str, config: ModelConfig) -> None:
+def _check_quantization(path: str) -> bool:
+  """Whether config.json declares DeepSeek's FP8 format; ValueError for any other quantization."""
   with open(os.path.join(path, "config.json")) as f:
     quant = json.load(f).get("quantization_config")
   if quant is None:
-    return
+    return False
   if quant.get("quant_method") != "fp8" or quant.get("fmt", "e4m3") != "e4m3" or \
       list(quant.get("weight_block_size", [BLOCK, BLOCK])) != [BLOCK, BLOCK]:
     raise ValueError(f"{path}/config.json has quantization_config {quant}: only fp8 e4m3 with 128x128 weight "
                      "blocks (DeepSeek-V3's) is supported")
+  return True
 
 
 def _sharding(state_path, shape, mesh):
@@ -162,21 +180,22 @@ def _sharding(state_path, shape, mesh):
 def _load(files: CheckpointFiles, source: hf_names.Source, shape, dtype, target) -> jax.Array:
   """One parameter, built device shard by device shard from the checkpoint."""
   tensor_shape = tuple(shape[1:]) if source.stacked else (tuple(reversed(shape)) if source.transposed else tuple(shape))
-  if source.stacked and len(source.names) != shape[0]:
-    raise ValueError(f"{source.names[0]}: expected {shape[0]} experts, the config gives {len(source.names)}")
   for name in source.names:
     info = files.info(name)
     if info.shape != tensor_shape:
       raise ValueError(f"tensor {name} in {info.file} has shape {info.shape}, expected {tensor_shape}")
 
+  stored_fp8 = np.dtype(dtype) == np.dtype(jnp.float8_e4m3fn)  # kept as stored, not dequantized
+  reader = _read_fp8 if stored_fp8 else _read_float
+
   def read(index):
     if source.stacked:
       experts = range(*index[0].indices(shape[0]))
-      block = np.stack([_read_float(files, source.names[e], index[1:]) for e in experts])
+      block = np.stack([reader(files, source.names[e], index[1:]) for e in experts])
     elif source.transposed:
-      block = _read_float(files, source.names[0], (index[1], index[0])).T
+      block = reader(files, source.names[0], (index[1], index[0])).T
     else:
-      block = _read_float(files, source.names[0], index)
+      block = reader(files, source.names[0], index)
     return np.ascontiguousarray(block.astype(dtype))
 
   # Devices holding the same slice (replicas) share one read; host memory holds one slice at a time.
@@ -190,6 +209,13 @@ def _load(files: CheckpointFiles, source: hf_names.Source, shape, dtype, target)
     shards.extend(jax.device_put(block, device) for device in devices)
     del block
   return jax.make_array_from_single_device_arrays(tuple(shape), target, shards)
+
+
+def _read_fp8(files: CheckpointFiles, name: str, index: tuple[slice, ...]) -> np.ndarray:
+  info = files.info(name)
+  if info.dtype != "F8_E4M3":
+    raise ValueError(f"tensor {name} in {info.file} is {info.dtype}; an FP8 projection needs F8_E4M3")
+  return files.read(name, index)
 
 
 def _read_float(files: CheckpointFiles, name: str, index: tuple[slice, ...]) -> np.ndarray:
@@ -227,8 +253,9 @@ def _tensors(value: jax.Array, source: hf_names.Source, quantize: bool):
         tuple(reversed(value.shape)) if source.transposed else tuple(value.shape))
     pieces.append((name, shape, take))
   out = []
+  stored_fp8 = np.dtype(value.dtype) == np.dtype(jnp.float8_e4m3fn)  # written as is, its scales beside it
   for name, shape, take in pieces:
-    if quantize and hf_names.is_quantizable(name):
+    if quantize and not stored_fp8 and hf_names.is_quantizable(name):
       part = _quantizer(take)
       blocks = tuple(-(-n // BLOCK) for n in shape)
       out.append((name, shape, np.dtype(jnp.float8_e4m3fn), lambda part=part: part(0)))

@@ -40,23 +40,23 @@ def _block(prefix: str, rest: tuple, config: ModelConfig) -> Source:
   head, leaf = rest[0], rest[-1]
   if head in ("input_layernorm", "post_attention_layernorm") and rest[1:] == ("weight",):
     return Source((f"{prefix}.{head}.weight",))
-  if head == "self_attn" and len(rest) == 3:
-    if leaf == "kernel":
-      return Source((f"{prefix}.self_attn.{rest[1]}.weight",), transposed=True)
-    if leaf == "weight":  # q_a_layernorm, kv_a_layernorm
-      return Source((f"{prefix}.self_attn.{rest[1]}.weight",))
+  if head in ("self_attn", "mlp") and len(rest) == 3:
+    if leaf == "kernel":  # a float projection
+      return Source((f"{prefix}.{head}.{rest[1]}.weight",), transposed=True)
+    if leaf in ("weight", "weight" + SCALE_SUFFIX):  # a norm, or an FP8 projection as stored
+      return Source((f"{prefix}.{head}.{rest[1]}.{leaf}",))
   if head == "mlp":
-    if len(rest) == 3 and leaf == "kernel":  # the dense MLP
-      return Source((f"{prefix}.mlp.{rest[1]}.weight",), transposed=True)
     if rest[1:] == ("gate",):
       return Source((f"{prefix}.mlp.gate.weight",))
     if rest[1:] == ("bias",):
       return Source((f"{prefix}.mlp.gate.e_score_correction_bias",))
-    if len(rest) == 2 and leaf in _EXPERT_PROJ:
-      names = tuple(f"{prefix}.mlp.experts.{e}.{_EXPERT_PROJ[leaf]}.weight" for e in range(config.n_routed_experts))
+    base, suffix = (leaf[:-len(SCALE_SUFFIX)], SCALE_SUFFIX) if leaf.endswith(SCALE_SUFFIX) else (leaf, "")
+    if len(rest) == 2 and base in _EXPERT_PROJ:
+      names = tuple(f"{prefix}.mlp.experts.{e}.{_EXPERT_PROJ[base]}.weight{suffix}"
+                    for e in range(config.n_routed_experts))
       return Source(names, stacked=True)
-    if len(rest) == 2 and leaf in _SHARED_PROJ:
-      return Source((f"{prefix}.mlp.shared_experts.{_SHARED_PROJ[leaf]}.weight",))
+    if len(rest) == 2 and base in _SHARED_PROJ:
+      return Source((f"{prefix}.mlp.shared_experts.{_SHARED_PROJ[base]}.weight{suffix}",))
   raise ValueError(f"no checkpoint name for the decoder-block parameter {'.'.join(map(str, rest))}")
 
 

@@ -37,10 +37,23 @@ def named_sharding(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> NamedShar
   return NamedSharding(mesh, partition_spec(path, shape, mesh))
 
 
+def state_specs(state: nnx.State, mesh: Mesh) -> nnx.State:
+  """The `PartitionSpec` of every leaf of a model's state, in the state's structure: `in_specs` for `jax.shard_map`.
+
+  Example (expert parallelism over `ep`, the batch split the same way)::
+
+    graphdef, state = nnx.split(model)
+    specs = state_specs(state, mesh)
+    def forward(state, tokens):
+      return nnx.merge(graphdef, state)(tokens, moe_kwargs={"axis_name": "ep"})
+    logits = jax.shard_map(forward, mesh=mesh, in_specs=(specs, P("ep")), out_specs=P("ep"))(state, tokens)
+  """
+  return nnx.from_flat_state([(path, variable.replace(partition_spec(path, variable.get_value().shape, mesh)))
+                              for path, variable in nnx.to_flat_state(state)])
+
+
 def shard_model(model: nnx.Module, mesh: Mesh) -> None:
   """Moves a model's parameters (and other state) onto `mesh` in place, with `partition_spec`'s layout."""
-  placed = []
-  for path, variable in nnx.to_flat_state(nnx.state(model)):
-    value = variable.get_value()
-    placed.append((path, variable.replace(jax.device_put(value, named_sharding(path, value.shape, mesh)))))
-  nnx.update(model, nnx.from_flat_state(placed))
+  state = nnx.state(model)
+  placed = jax.tree.map(lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec)), state, state_specs(state, mesh))
+  nnx.update(model, placed)

@@ -38,13 +38,14 @@ class LossOutput(NamedTuple):
 class MTPModule(nnx.Module):
   """One MTP depth: `h' = block(eh_proj([hnorm(h); enorm(emb(next token))]))`, read out through its own norm."""
 
-  def __init__(self, config: ModelConfig, depth: int, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+  def __init__(self, config: ModelConfig, depth: int, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+               fp8_weights: bool = False):
     h = config.hidden_size
     self.enorm = RMSNorm(h, eps=config.rms_norm_eps, param_dtype=param_dtype)
     self.hnorm = RMSNorm(h, eps=config.rms_norm_eps, param_dtype=param_dtype)
     self.eh_proj = nnx.Linear(2 * h, h, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.block = DecoderLayer(config, config.num_hidden_layers + depth, rngs=rngs, dtype=dtype,
-                              param_dtype=param_dtype)
+                              param_dtype=param_dtype, fp8_weights=fp8_weights)
     self.shared_head_norm = RMSNorm(h, eps=config.rms_norm_eps, param_dtype=param_dtype)
 
   def __call__(self, hidden, next_embeds, positions, moe_kwargs=None):
@@ -53,18 +54,30 @@ class MTPModule(nnx.Module):
 
 
 class DeepseekV3(nnx.Module):
-  """The model. Args: config; rngs; dtype (activations); param_dtype (weights)."""
+  """The model.
 
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+  Args:
+    config: the hyperparameters.
+    rngs: initialization.
+    dtype: activations.
+    param_dtype: weights.
+    fp8_weights: the attention and MLP projections (routed and shared experts included) hold
+      FP8 weights as DeepSeek's FP8 checkpoint stores them, e4m3 with 128x128 block scales, and
+      run FP8 GEMMs: inference only (`from_pretrained(..., fp8_weights=True)`). Embeddings,
+      norms, the router, the output head and the MTP projection stay in param_dtype.
+  """
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+               fp8_weights: bool = False):
     self.config = config
     c = config
     self.embed_tokens = nnx.Embed(c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.layers = nnx.List([DecoderLayer(c, i, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-                            for i in range(c.num_hidden_layers)])
+    self.layers = nnx.List([DecoderLayer(c, i, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                                         fp8_weights=fp8_weights) for i in range(c.num_hidden_layers)])
     self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=param_dtype)
     self.lm_head = None if c.tie_word_embeddings else nnx.Linear(
         c.hidden_size, c.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.mtp = nnx.List([MTPModule(c, k, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.mtp = nnx.List([MTPModule(c, k, rngs=rngs, dtype=dtype, param_dtype=param_dtype, fp8_weights=fp8_weights)
                          for k in range(c.num_nextn_predict_layers)])
 
   def _head(self, hidden, norm):

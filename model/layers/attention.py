@@ -9,7 +9,9 @@
 
 Weights follow Hugging Face's DeepseekV3Attention names (kernels are `[in, out]`):
 q_a_proj, q_a_layernorm, q_b_proj (or q_proj without q LoRA), kv_a_proj_with_mqa,
-kv_a_layernorm, kv_b_proj (`[kv_lora_rank, heads * (qk_nope + v)]`), o_proj.
+kv_a_layernorm, kv_b_proj (`[kv_lora_rank, heads * (qk_nope + v)]`), o_proj. With
+`fp8_weights` the projections are `FP8Linear`s holding an FP8 checkpoint's weights as stored;
+the absorbed form dequantizes kv_b_proj, whose halves it uses as matrices.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from flax import nnx
 
 import mla
 from model.config import ModelConfig
+from model.layers.linear import kernel, projection
 from model.layers.norm import RMSNorm
 from model.layers.rope import apply_rotary, softmax_scale, yarn_inv_freq
 
@@ -36,10 +39,11 @@ def rotary_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array,
 class MLA(nnx.Module):
   """DeepSeek-V3's attention block (without the residual and the input norm)."""
 
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+               fp8_weights: bool = False):
     self.config = config
     c = config
-    linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    linear = lambda i, o: projection(i, o, rngs=rngs, dtype=dtype, param_dtype=param_dtype, fp8_weights=fp8_weights)
     if c.q_lora_rank is None:
       self.q_proj = linear(c.hidden_size, c.num_attention_heads * c.qk_head_dim)
     else:
@@ -71,7 +75,7 @@ class MLA(nnx.Module):
   def _up_projections(self):
     """kv_b_proj as `(W_UK [kv_lora, h, nope], W_UV [kv_lora, h, v])`."""
     c = self.config
-    w = self.kv_b_proj.kernel[...].reshape(c.kv_lora_rank, c.num_attention_heads, c.qk_nope_head_dim + c.v_head_dim)
+    w = kernel(self.kv_b_proj).reshape(c.kv_lora_rank, c.num_attention_heads, c.qk_nope_head_dim + c.v_head_dim)
     return w[..., :c.qk_nope_head_dim], w[..., c.qk_nope_head_dim:]
 
   def __call__(self, x, positions, *, segment_ids=None) -> jax.Array:

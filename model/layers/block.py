@@ -22,21 +22,26 @@ class DecoderLayer(nnx.Module):
   """`x + attn(norm(x))`, then `+ mlp(norm(.))`; the MLP is `ep.MoE` where `config.is_moe_layer(index)`."""
 
   def __init__(self, config: ModelConfig, index: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32):
+               param_dtype=jnp.float32, fp8_weights: bool = False):
     h = config.hidden_size
     self.input_layernorm = RMSNorm(h, eps=config.rms_norm_eps, param_dtype=param_dtype)
-    self.self_attn = MLA(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.self_attn = MLA(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, fp8_weights=fp8_weights)
     self.post_attention_layernorm = RMSNorm(h, eps=config.rms_norm_eps, param_dtype=param_dtype)
     self.is_moe = config.is_moe_layer(index)
+    self.fp8_weights = fp8_weights
     if self.is_moe:
-      self.mlp = ep.MoE(moe_config(config), rngs=rngs, dtype=param_dtype, score_bias=config.uses_score_bias)
+      self.mlp = ep.MoE(moe_config(config), rngs=rngs, dtype=param_dtype, score_bias=config.uses_score_bias,
+                        fp8_weights=fp8_weights)
     else:
-      self.mlp = MLP(h, config.intermediate_size, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+      self.mlp = MLP(h, config.intermediate_size, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                     fp8_weights=fp8_weights)
 
   def feed_forward(self, x: jax.Array, moe_kwargs: dict) -> tuple[jax.Array, jax.Array | None]:
     """The MLP half on normed input `[b, s, H]`: `(out, expert_counts [E] or None)`."""
     if not self.is_moe:
       return self.mlp(x), None
+    if self.fp8_weights:  # stored FP8 experts run DeepGEMM's contiguous FP8 path unless told otherwise
+      moe_kwargs = {"use_fp8": True, **moe_kwargs}
     result = self.mlp(x, **moe_kwargs)
     return result.out, result.expert_counts
 

@@ -6,13 +6,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from model.layers.linear import projection
+
 
 class MLP(nnx.Module):
-  """Hugging Face's DeepseekV3MLP: gate_proj, up_proj `[H -> I]`, down_proj `[I -> H]`, no biases."""
+  """Hugging Face's DeepseekV3MLP: gate_proj, up_proj `[H -> I]`, down_proj `[I -> H]`, no biases (FP8Linear with fp8_weights)."""
 
   def __init__(self, hidden_size: int, intermediate_size: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32):
-    linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+               param_dtype=jnp.float32, fp8_weights: bool = False):
+    linear = lambda i, o: projection(i, o, rngs=rngs, dtype=dtype, param_dtype=param_dtype, fp8_weights=fp8_weights)
     self.gate_proj = linear(hidden_size, intermediate_size)
     self.up_proj = linear(hidden_size, intermediate_size)
     self.down_proj = linear(intermediate_size, hidden_size)

@@ -229,3 +229,38 @@ def test_save_refuses_to_clobber_and_rejects_other_quantizations(net, saved, tmp
   with pytest.raises(ValueError, match="quantization_config"):
     model.from_pretrained(path)
   assert not [p for p in os.listdir(saved.parent) if ".partial-" in p]  # no staging directory left behind
+
+
+def test_fp8_weights_stay_as_stored_and_run_fp8_gemms(net, tmp_path):
+  path = tmp_path / "fp8"
+  model.save_pretrained(net, path, fp8=True)
+  keep = model.from_pretrained(path, dtype=jnp.float32, fp8_weights=True)
+  deq = model.from_pretrained(path, dtype=jnp.float32)
+  with CheckpointFiles(path) as files:  # the stored bytes and scales, untouched
+    name = "model.layers.1.self_attn.q_b_proj.weight"
+    np.testing.assert_array_equal(keep.layers[1].self_attn.q_b_proj.weight[...], files.read(name))
+    np.testing.assert_array_equal(keep.layers[1].self_attn.q_b_proj.weight_scale_inv[...],
+                                  files.read(name + "_scale_inv"))
+    np.testing.assert_array_equal(keep.layers[2].mlp.w_down_scale_inv[...][6],
+                                  files.read("model.layers.2.mlp.experts.6.down_proj.weight_scale_inv"))
+  # An FP8 projection is x, quantized per token, times the stored weight: equal to the float
+  # product of both dequantized, up to f32 summation order.
+  x = jax.random.normal(jax.random.key(5), (3, 7, CFG.q_lora_rank), jnp.float32)
+  layer = keep.layers[1].self_attn.q_b_proj
+  x_dq = fp8.dequantize(*fp8.quantize_per_token(x.reshape(-1, x.shape[-1]))).reshape(x.shape)
+  np.testing.assert_allclose(layer(x), x_dq @ deq.layers[1].self_attn.q_b_proj.kernel[...], rtol=1e-5, atol=1e-5)
+  # Layers with stored FP8 weights differ from dequantized ones only by activation quantization.
+  hidden = jax.random.normal(jax.random.key(6), (2, 16, CFG.hidden_size), jnp.float32)
+  positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
+  for i in (0, 2):
+    want, _ = deq.layers[i](hidden, positions)
+    got, _ = keep.layers[i](hidden, positions)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.05, i
+  # Saving writes them back byte for byte; a float checkpoint cannot feed FP8 layers.
+  model.save_pretrained(keep, tmp_path / "again")
+  assert json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]
+  for file in set(_weight_map(path).values()):
+    assert (tmp_path / "again" / file).read_bytes() == (path / file).read_bytes()
+  model.save_pretrained(net, tmp_path / "float")
+  with pytest.raises(ValueError, match="fp8_weights=True needs an FP8 checkpoint"):
+    model.from_pretrained(tmp_path / "float", fp8_weights=True)
