@@ -189,14 +189,15 @@ def _load(files: CheckpointFiles, source: hf_names.Source, shape, dtype, target)
   reader = _read_fp8 if stored_fp8 else _read_float
 
   def read(index):
+    """The slice as stored: a transposed parameter's slice comes untransposed (the device transposes it)."""
     if source.stacked:
       experts = range(*index[0].indices(shape[0]))
       block = np.stack([reader(files, source.names[e], index[1:]) for e in experts])
     elif source.transposed:
-      block = reader(files, source.names[0], (index[1], index[0])).T
+      block = reader(files, source.names[0], (index[1], index[0]))
     else:
       block = reader(files, source.names[0], index)
-    return np.ascontiguousarray(block.astype(dtype))
+    return np.ascontiguousarray(block.astype(dtype, copy=False))
 
   # Devices holding the same slice (replicas) share one read; host memory holds one slice at a time.
   by_slice: dict[tuple, tuple[tuple[slice, ...], list]] = {}
@@ -205,9 +206,11 @@ def _load(files: CheckpointFiles, source: hf_names.Source, shape, dtype, target)
     by_slice.setdefault(key, (index, []))[1].append(device)
   shards = []
   for index, devices in by_slice.values():
-    block = read(index)
-    shards.extend(jax.device_put(block, device) for device in devices)
-    del block
+    first = jax.device_put(read(index), devices[0])
+    if source.transposed:  # the device's work, not numpy's; once per slice, then copied
+      first = first.T
+    shards.append(first)
+    shards.extend(jax.device_put(first, device) for device in devices[1:])
   return jax.make_array_from_single_device_arrays(tuple(shape), target, shards)
 
 

@@ -111,7 +111,7 @@ class CheckpointFiles:
 
   def _reader(self, file: str):
     if file not in self._readers:
-      reader = safetensors.safe_open(file, framework="numpy")
+      reader = safetensors.safe_open(file, framework="numpy", backend="pread")
       self._readers[file] = reader.__enter__()
     return self._readers[file]
 
