@@ -170,7 +170,8 @@ class DeepseekV3(nnx.Module):
     """Appends the newest tokens and attends over each request's whole cache.
 
     Args:
-      tokens: `[b, s_q]` int32 (s_q > 1 is MTP-style multi-token decoding, causal).
+      tokens: `[b, s_q]` int32 (s_q > 1 is causal: MTP-style multi-token decoding, or a later
+        chunk of a prompt, chunked prefill, over the chunks already in the cache).
       positions: `[b, s_q]` int32, consecutive; the request's length after them is `positions[:, -1] + 1`.
       cache, block_table: as in prefill.
       num_sms: for `mla.get_mla_metadata` (default: its own).

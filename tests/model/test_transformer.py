@@ -84,6 +84,20 @@ def test_prefill_then_decode_equals_the_full_forward(net):
   np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
 
 
+def test_chunked_prefill_through_decode_equals_the_full_forward(net):
+  # Serving's chunked prefill: a second chunk of a prompt attends over the first chunk's cached rows.
+  first, chunk = 40, 24
+  tokens = _tokens(5, (1, first + chunk))
+  full = np.asarray(net(tokens))
+  table = jnp.asarray([[2, 0]], jnp.int32)
+  cache = net.init_cache(3)
+  _, cache = net.prefill(tokens[:, :first], jnp.arange(first, dtype=jnp.int32)[None], cache, table)
+  positions = jnp.arange(first, first + chunk, dtype=jnp.int32)[None]  # crosses into the second page
+  logits, cache = net.decode(tokens[:, first:], positions, cache, table, num_sms=2)
+  np.testing.assert_allclose(np.asarray(logits)[0], full[0, first:], rtol=0.05, atol=0.05)  # bf16 cache
+  np.testing.assert_array_equal(np.asarray(logits)[0].argmax(-1), full[0, first:].argmax(-1))
+
+
 def test_bad_tokens_name_the_argument(net):
   with pytest.raises(ValueError, match="tokens must be integer"):
     net(jnp.zeros((2, 3), jnp.float32))
