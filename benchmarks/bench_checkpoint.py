@@ -7,6 +7,7 @@ new process per case, reporting seconds, GB/s of checkpoint bytes, and the proce
 resident memory above what it held before loading:
 - `from_pretrained`, one device;
 - `from_pretrained` onto 8 fake CPU devices with the experts over `ep`;
+- `from_pretrained` of the same model saved as FP8 (e4m3 + 128x128 scales), dequantized to bf16;
 - the baseline: `safetensors.numpy.load_file` of every shard, then `jax.device_put` of every
   tensor (no transposes or expert stacking: the least a loader can do, but holding the whole
   checkpoint on the host first).
@@ -36,14 +37,16 @@ def _config(hidden: int, experts: int):
                            n_group=4, topk_group=2, first_k_dense_replace=1, num_nextn_predict_layers=0)
 
 
-def _write(path: str, hidden: int, experts: int) -> int:
+def _write(path: str, fp8_path: str, hidden: int, experts: int) -> tuple[int, int]:
   import jax.numpy as jnp
   from flax import nnx
 
   import model
   net = model.DeepseekV3(_config(hidden, experts), rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   model.save_pretrained(net, path, max_shard_bytes=256 << 20)
-  return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+  model.save_pretrained(net, fp8_path, fp8=True, max_shard_bytes=256 << 20)
+  size = lambda p: sum(os.path.getsize(os.path.join(p, f)) for f in os.listdir(p) if f.endswith(".safetensors"))
+  return size(path), size(fp8_path)
 
 
 def _rss_mib() -> float:
@@ -78,17 +81,19 @@ def run(hidden: int = 1024, experts: int = 32) -> list[dict]:
   context = multiprocessing.get_context("spawn")
   rows = []
   with tempfile.TemporaryDirectory() as root:
-    path = os.path.join(root, "ckpt")
-    writer = context.Pool(1)
-    nbytes = writer.apply(_write, (path, hidden, experts))
-    writer.close()
-    for kind in ("baseline", "from_pretrained", "ep mesh"):
+    path, fp8_path = os.path.join(root, "bf16"), os.path.join(root, "fp8")
+    with context.Pool(1) as writer:
+      sizes = dict(zip(("bf16", "fp8"), writer.apply(_write, (path, fp8_path, hidden, experts))))
+    for kind, stored in (("baseline", "bf16"), ("from_pretrained", "bf16"), ("ep mesh", "bf16"),
+                         ("from_pretrained", "fp8")):
       queue = context.Queue()
-      proc = context.Process(target=_case, args=(kind, path, queue))
+      proc = context.Process(target=_case, args=(kind, path if stored == "bf16" else fp8_path, queue))
       proc.start()
-      seconds, peak_mib = queue.get()
+      seconds, peak_mib = queue.get(timeout=1800)  # a crashed child raises queue.Empty rather than hang
       proc.join()
-      rows.append({"suite": "checkpoint", "case": f"load {nbytes / 2**20:.0f} MiB bf16: {kind}",
+      nbytes = sizes[stored]
+      label = "fp8, dequantized to bf16" if stored == "fp8" else "bf16"
+      rows.append({"suite": "checkpoint", "case": f"load {nbytes / 2**20:.0f} MiB {label}: {kind}",
                    "seconds": round(seconds, 3), "GB/s": round(nbytes / seconds / 1e9, 3),
                    "peak MiB above start": round(peak_mib)})
   base = rows[0]["seconds"]

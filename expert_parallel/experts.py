@@ -98,6 +98,11 @@ def masked_ffn(recv, recv_count, w_gate, w_up, w_down, *, expected_m: int) -> ja
                                       out_dtype=jnp.bfloat16)
 
 
+def fp8_fits(hidden_size: int, moe_intermediate_size: int) -> bool:
+  """Whether the FP8 expert GEMMs take these sizes (both multiples of 128, DeepGEMM's k block)."""
+  return hidden_size % fp8.formats.BLOCK == 0 and moe_intermediate_size % fp8.formats.BLOCK == 0
+
+
 def _data(w):
   return w[0] if isinstance(w, (tuple, list)) else w
 

@@ -45,7 +45,7 @@ def matmul_quantized(x: jax.Array, w: BlockQuantized, *, implementation: str | N
     raise ValueError(f"x has {x.shape[-1]} features, the weight takes {k}")
   if not gemm_fits(n, k):
     return jnp.matmul(x, dense(w, x.dtype).T)
-  out_dtype = jnp.float32 if x.dtype == jnp.float32 else jnp.bfloat16
+  out_dtype = jnp.bfloat16 if x.dtype == jnp.bfloat16 else jnp.float32  # float16 goes through float32
   rows = x.reshape(-1, k)
   y = api.gemm_nt(quantize_per_token(rows), (data, scale), out_dtype=out_dtype, implementation=implementation)
   return y.reshape(*x.shape[:-1], n).astype(x.dtype)

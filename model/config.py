@@ -192,6 +192,8 @@ def _legacy_rope(config: Mapping[str, Any]) -> dict[str, Any]:
   if params.pop("attention_factor", None) is not None:
     raise ValueError("rope_parameters['attention_factor'] is not supported: DeepSeek's YaRN derives it from mscale")
   kind = params.get("rope_type", params.get("type", "default"))
+  if kind == "default" and set(params) - {"rope_type", "type"}:
+    raise ValueError(f"rope_parameters of type 'default' has keys it does not use: {sorted(set(params))}")
   scaling = None if kind == "default" else params
   if config.get("rope_scaling") not in (None, scaling):
     raise ValueError(f"rope_scaling={config['rope_scaling']} conflicts with rope_parameters={params}")

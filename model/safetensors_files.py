@@ -74,6 +74,8 @@ class CheckpointFiles:
     if name not in self._where:
       raise ValueError(f"tensor {name} is missing: {self._origin} does not list it")
     file = self._where[name]
+    if not os.path.exists(file):
+      raise ValueError(f"tensor {name} is missing: {self._origin} puts it in {file}, which does not exist")
     header = self._header(file)
     if name not in header:
       raise ValueError(f"tensor {name} is missing from {file}, where {self._origin} puts it")
@@ -142,10 +144,16 @@ def read_header(file: str) -> dict[str, TensorInfo]:
     if name == "__metadata__":
       continue
     try:
-      begin, end = entry["data_offsets"]
-      out[name] = TensorInfo(file, entry["dtype"], tuple(entry["shape"]), 8 + length + begin, 8 + length + end)
+      begin, end = (int(x) for x in entry["data_offsets"])
+      info = TensorInfo(file, str(entry["dtype"]), tuple(int(n) for n in entry["shape"]), 8 + length + begin,
+                        8 + length + end)
     except (KeyError, TypeError, ValueError) as err:
       raise ValueError(f"tensor {name} in {file} has a corrupt header entry {entry!r}") from err
+    if begin < 0 or end < begin or any(n < 0 for n in info.shape) or (
+        info.dtype in DTYPES and end - begin != int(np.prod(info.shape, dtype=np.int64)) * DTYPES[info.dtype].itemsize):
+      raise ValueError(f"tensor {name} in {file} has a corrupt header entry: {info.dtype} {list(info.shape)} "
+                       f"does not fill its bytes [{begin}, {end})")
+    out[name] = info
   cut = sorted((info.end, name) for name, info in out.items() if info.end > size)
   if cut:  # safetensors refuses the whole file then, so every tensor in it is named by the first cut one
     end, name = cut[0]

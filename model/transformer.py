@@ -36,7 +36,7 @@ class LossOutput(NamedTuple):
 
 
 class MTPModule(nnx.Module):
-  """One MTP depth: `h' = block(eh_proj([hnorm(h); enorm(emb(next token))]))`, read out through its own norm."""
+  """One MTP depth: `h' = block(eh_proj([enorm(emb(next token)); hnorm(h)]))` (DeepSeek's order), read out through its own norm."""
 
   def __init__(self, config: ModelConfig, depth: int, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                fp8_weights: bool = False):

@@ -29,6 +29,8 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(h, eps=config.rms_norm_eps, param_dtype=param_dtype)
     self.is_moe = config.is_moe_layer(index)
     self.fp8_weights = fp8_weights
+    # Sizes the FP8 expert GEMMs cannot take run ragged_dot on the dequantized experts instead.
+    self.fp8_experts_fit = ep.experts.fp8_fits(h, config.moe_intermediate_size)
     if self.is_moe:
       self.mlp = ep.MoE(moe_config(config), rngs=rngs, dtype=param_dtype, score_bias=config.uses_score_bias,
                         fp8_weights=fp8_weights)
@@ -40,7 +42,7 @@ class DecoderLayer(nnx.Module):
     """The MLP half on normed input `[b, s, H]`: `(out, expert_counts [E] or None)`."""
     if not self.is_moe:
       return self.mlp(x), None
-    if self.fp8_weights:  # stored FP8 experts run DeepGEMM's contiguous FP8 path unless told otherwise
+    if self.fp8_weights and self.fp8_experts_fit:  # stored FP8 experts run DeepGEMM's FP8 path unless told not to
       moe_kwargs = {"use_fp8": True, **moe_kwargs}
     result = self.mlp(x, **moe_kwargs)
     return result.out, result.expert_counts

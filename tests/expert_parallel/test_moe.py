@@ -89,7 +89,7 @@ def test_bad_gate_config_names_the_field():
 
 
 def _specs(params):
-  return {name: P("ep") if name in ROUTED else P() for name in params}
+  return {name: P("ep") if name.removesuffix("_scale_inv") in ROUTED else P() for name in params}
 
 
 def _ep_call(fn, params, x):
@@ -184,3 +184,41 @@ def test_the_nnx_module_matches_the_function():
   np.testing.assert_array_equal(out.out.reshape(-1, H), want.out)
   grads = nnx.grad(lambda m: m(x).out.sum())(module)
   assert np.abs(np.asarray(grads["w_down"][...])).sum() > 0
+
+
+def _stored_fp8_and_dequantized(seed):
+  """Params whose expert weights are stored FP8 (with `*_scale_inv`), and the same weights dequantized to f32."""
+  stored = ep.init_params(jax.random.key(seed), CONFIG, fp8_weights=True)
+  dense = {k: v for k, v in stored.items() if not k.endswith("_scale_inv")}
+  for name in list(dense):
+    if name + "_scale_inv" in stored:
+      assert stored[name].dtype == jnp.float8_e4m3fn
+      dense[name] = fp8.dequantize(stored[name], stored[name + "_scale_inv"])
+  return stored, dense
+
+
+def test_stored_fp8_experts_equal_their_dequantized_weights():
+  stored, dense = _stored_fp8_and_dequantized(6)
+  x = jax.random.normal(jax.random.key(7), (RANKS * T, H), jnp.float32)
+  idx = jax.random.randint(jax.random.key(8), (len(x), 2), -1, E)
+  weights = jax.random.uniform(jax.random.key(9), idx.shape)
+  pairs = [ep.moe.weight(stored, n) for n in ROUTED]
+  floats = [dense[n] for n in ROUTED]
+  # Float path: the stored pairs are dequantized, so it is the float computation exactly.
+  np.testing.assert_array_equal(ep.experts.routed_ffn(x, idx, weights, *pairs),
+                                ep.experts.routed_ffn(x, idx, weights, *floats))
+  # FP8 paths: stored pairs as they are vs the dequantized weights quantized again (the same blocks).
+  rows = fp8.quantize_per_token(x)
+  np.testing.assert_allclose(ep.experts.routed_ffn(rows, idx, weights, *pairs, use_fp8=True),
+                             ep.experts.routed_ffn(rows, idx, weights, *floats, use_fp8=True), rtol=1e-6, atol=1e-6)
+  # Low-latency decode (masked GEMMs), routed experts only (no shared ones): the same again.
+  routed_only = lambda p: {k: v for k, v in p.items() if not k.startswith("shared")}
+  call = lambda p: _ep_call(functools.partial(ep.moe_decode, config=CONFIG, axis_name="ep",
+                                              num_max_dispatch_tokens_per_rank=8), routed_only(p),
+                            x.astype(jnp.bfloat16))
+  (call_s, p_s, x_s), (call_d, p_d, x_d) = call(stored), call(dense)
+  np.testing.assert_allclose(np.asarray(jax.jit(call_s)(p_s, x_s).out, np.float32),
+                             np.asarray(jax.jit(call_d)(p_d, x_d).out, np.float32), rtol=1e-2, atol=1e-6)
+  # The whole layer: shared experts with stored weights run the FP8 GEMM (activation quantization only).
+  got = ep.moe_forward(stored, x, CONFIG, use_fp8=True).out
+  assert fp8.calc_diff(got, ep.moe_forward(dense, x, CONFIG).out) < 3e-3

@@ -13,12 +13,12 @@ from model.config import ModelConfig
 from model.layers import MLA, write_cache
 
 
-@pytest.mark.parametrize("q_lora", [True, False])
-def test_absorbed_decode_over_the_paged_cache_equals_expanded_attention(q_lora):
+@pytest.mark.parametrize("q_lora, fp8_weights", [(True, False), (False, False), (True, True)])
+def test_absorbed_decode_over_the_paged_cache_equals_expanded_attention(q_lora, fp8_weights):
   cfg = ModelConfig.preset("tiny")
   if not q_lora:
     cfg = ModelConfig.from_hf({**cfg.to_hf(), "q_lora_rank": None})  # V2-Lite's direct q projection
-  attn = MLA(cfg, rngs=nnx.Rngs(0))
+  attn = MLA(cfg, rngs=nnx.Rngs(0), fp8_weights=fp8_weights)
   lengths, seq_q, batch = np.array([70, 131]), 2, 2
   longest = int(lengths.max())
   x = jax.random.normal(jax.random.key(1), (batch, longest, cfg.hidden_size), jnp.float32)
@@ -44,10 +44,16 @@ def test_absorbed_decode_over_the_paged_cache_equals_expanded_attention(q_lora):
   want = np.stack([np.asarray(expanded[r, starts[r]:lengths[r]]) for r in range(batch)])
   got = np.asarray(decoded, np.float32)
   assert not np.isnan(got).any()
+  cos = (got * want).sum() / np.sqrt((got ** 2).sum() * (want ** 2).sum())
+  if fp8_weights:
+    # FP8 projections quantize their inputs per token; the expanded form also quantizes the latent
+    # going into kv_b_proj, which the absorbed form folds in dequantized (as DeepSeek's absorb mode).
+    # Measured: cosine 0.99922, max error 3.9% of the largest output.
+    assert cos > 0.998
+    return
   # The decode path runs in bf16 (flash_mla's dtype): agree to bf16's precision (measured: max error
   # 0.4% of the largest output, cosine 0.999995).
   np.testing.assert_allclose(got, want, rtol=0.05, atol=0.01 * np.abs(want).max())
-  cos = (got * want).sum() / np.sqrt((got ** 2).sum() * (want ** 2).sum())
   assert cos > 0.99998
 
 

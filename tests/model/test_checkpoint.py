@@ -14,9 +14,10 @@ import safetensors.numpy
 from flax import nnx
 from jax.sharding import AxisType, PartitionSpec as P
 
+import expert_parallel as ep
 import fp8
 import model
-from model import checkpoint, hf_names
+from model import hf_names, weight_reader
 from model.safetensors_files import CheckpointFiles, read_header
 
 CFG = model.ModelConfig.preset("tiny")
@@ -136,13 +137,15 @@ def test_fp8_checkpoint_holds_deepseeks_format_and_loads_dequantized(net, tmp_pa
 def test_fp8_slices_dequantize_across_block_edges(tmp_path):
   weight = np.random.default_rng(0).normal(size=(300, 260)).astype(np.float32)
   data, scale = (np.asarray(a) for a in fp8.quantize_per_block(weight))
-  safetensors.numpy.save_file({"w": data.view(np.uint8)}, str(tmp_path / "raw.safetensors"))  # bytes only
   name = "model.layers.0.mlp.down_proj.weight"
   _write_fp8(tmp_path / "model.safetensors", {name: data, name + "_scale_inv": scale})
   full = np.asarray(fp8.dequantize(data, scale))
   with CheckpointFiles(tmp_path) as files:
-    for rows, cols in [(slice(None), slice(None)), (slice(100, 300), slice(5, 200)), (slice(127, 129), slice(255, 260))]:
-      np.testing.assert_array_equal(checkpoint._read_float(files, name, (rows, cols)), full[rows, cols])
+    for rows, cols in [(slice(0, 300), slice(0, 260)), (slice(100, 300), slice(5, 200)), (slice(127, 129), slice(255, 260))]:
+      for dtype in (np.float32, ml_dtypes.bfloat16):
+        out = np.empty((rows.stop - rows.start, cols.stop - cols.start), dtype)
+        weight_reader._read_into(out, files, name, (rows, cols))
+        np.testing.assert_array_equal(out, full[rows, cols].astype(dtype))
 
 
 def _write_fp8(file, arrays):
@@ -151,7 +154,7 @@ def _write_fp8(file, arrays):
   safetensors.serialize_file(specs, str(file), {"format": "pt"})
 
 
-def test_checkpoint_without_mtp_layers(net, saved, tmp_path):
+def test_checkpoint_without_mtp_layers(net, saved, tmp_path, caplog):
   path = tmp_path / "no_mtp"
   path.mkdir()
   weight_map = {n: f for n, f in _weight_map(saved).items() if not n.startswith(f"model.layers.{L}.")}
@@ -164,7 +167,12 @@ def test_checkpoint_without_mtp_layers(net, saved, tmp_path):
   np.testing.assert_array_equal(loaded(_tokens(4)), net(_tokens(4)))
   with pytest.raises(ValueError, match=rf"tensor model\.layers\.{L}\.\S+ is missing"):
     model.from_pretrained(path, dtype=jnp.float32, mtp=True)
-  assert len(model.from_pretrained(saved, dtype=jnp.float32, mtp=False).mtp) == 0
+  with caplog.at_level("WARNING"):
+    assert len(model.from_pretrained(saved, dtype=jnp.float32, mtp=False).mtp) == 0
+  unused = sum(1 for n in _weight_map(saved) if n.startswith(f"model.layers.{L}."))
+  assert f"{unused} checkpoint tensors are not part of this model" in caplog.text  # said, not dropped silently
+  with pytest.raises(ValueError, match="mtp must be"):
+    model.from_pretrained(saved, mtp="yes")
 
 
 def _copy_with(saved, dst, edit):
@@ -199,6 +207,17 @@ def test_bad_tensor_names_tensor_and_file(saved, tmp_path, case, edit, message):
   assert TARGET in str(err.value) and weight_map[TARGET] in str(err.value)
 
 
+def test_corrupt_fp8_header_names_tensor_and_file(tmp_path):
+  name = "model.layers.0.mlp.down_proj.weight"
+  data, scale = (np.asarray(a) for a in fp8.quantize_per_block(np.ones((256, 128), np.float32)))
+  _write_fp8(tmp_path / "model.safetensors", {name: data, name + "_scale_inv": scale})
+  raw = (tmp_path / "model.safetensors").read_bytes()
+  assert raw.count(b'"shape":[256,128]') == 1
+  (tmp_path / "model.safetensors").write_bytes(raw.replace(b'"shape":[256,128]', b'"shape":[256,129]'))  # > its bytes
+  with pytest.raises(ValueError, match=f"tensor {name} in .*model.safetensors has a corrupt header entry"):
+    CheckpointFiles(tmp_path)
+
+
 def test_truncated_file_and_unlisted_tensor_are_named(saved, tmp_path):
   path = tmp_path / "cut"
   weight_map = _copy_with(saved, path, lambda t: None)
@@ -212,11 +231,34 @@ def test_truncated_file_and_unlisted_tensor_are_named(saved, tmp_path):
   (path / file).write_bytes(data[:20])  # cut inside the header
   with pytest.raises(ValueError, match=f"{file} is truncated"):
     model.from_pretrained(path)
+  (path / file).unlink()
+  with pytest.raises(ValueError, match=f"tensor .* is missing: .*index.json puts it in .*{file}, which does not exist"):
+    model.from_pretrained(path)
   index = {n: f for n, f in weight_map.items() if n != "model.norm.weight"}
   (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
   (path / file).write_bytes(data)
   with pytest.raises(ValueError, match="tensor model.norm.weight is missing: .*index.json does not list it"):
     model.from_pretrained(path)
+
+
+def test_save_replaces_atomically_keeping_other_files(net, tmp_path):
+  path = tmp_path / "ckpt"
+  model.save_pretrained(net, path, max_shard_bytes=4_000_000)
+  (path / "tokenizer.json").write_text("{}")
+  other = model.DeepseekV3(CFG, rngs=nnx.Rngs(1))
+  model.save_pretrained(other, path, overwrite=True)  # one shard now: the old shard files must not linger
+  assert (path / "tokenizer.json").read_text() == "{}"
+  assert sorted(f for f in os.listdir(path) if f.endswith(".safetensors")) == ["model-00001-of-00001.safetensors"]
+  np.testing.assert_array_equal(model.from_pretrained(path, dtype=jnp.float32).norm.weight[...],
+                                other.norm.weight[...])
+  assert os.stat(path).st_mode & 0o055 == 0o055 & ~_umask()  # group and others may read it (mkdtemp's is 0700)
+  assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no staging or old directory left
+
+
+def _umask():
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def test_save_refuses_to_clobber_and_rejects_other_quantizations(net, saved, tmp_path):
@@ -264,3 +306,26 @@ def test_fp8_weights_stay_as_stored_and_run_fp8_gemms(net, tmp_path):
   model.save_pretrained(net, tmp_path / "float")
   with pytest.raises(ValueError, match="fp8_weights=True needs an FP8 checkpoint"):
     model.from_pretrained(tmp_path / "float", fp8_weights=True)
+  # On an ep mesh the block scales go with their experts.
+  mesh = jax.make_mesh((8,), ("ep",), axis_types=(AxisType.Auto,))
+  placed = model.from_pretrained(path, dtype=jnp.float32, fp8_weights=True, mesh=mesh)
+  scales = placed.layers[1].mlp.w_up_scale_inv[...]
+  assert scales.sharding.spec == P("ep") and placed.layers[1].mlp.w_up[...].sharding.spec == P("ep")
+  for shard in scales.addressable_shards:
+    np.testing.assert_array_equal(shard.data, np.asarray(keep.layers[1].mlp.w_up_scale_inv[...])[shard.index])
+
+
+def test_fp8_weights_with_sizes_the_expert_gemms_cannot_take():
+  config = model.ModelConfig.from_hf({**CFG.to_hf(), "moe_intermediate_size": 96})
+  net = model.DeepseekV3(config, rngs=nnx.Rngs(0), fp8_weights=True)
+  layer = net.layers[1]
+  assert not layer.fp8_experts_fit
+  x = jax.random.normal(jax.random.key(2), (2, 5, CFG.hidden_size), jnp.float32)
+  out, _ = layer.feed_forward(x, {})  # ragged_dot on the dequantized experts, not the FP8 GEMMs (which raise)
+  params = layer.mlp.params()
+  dense = {k: (fp8.dequantize(v, params[k + "_scale_inv"]) if k + "_scale_inv" in params else v)
+           for k, v in params.items() if not k.endswith("_scale_inv")}
+  want = ep.moe_forward(dense, x.reshape(-1, CFG.hidden_size), layer.mlp.config).out
+  # Only the shared experts' FP8 GEMM (its per-token activation quantization) differs.
+  assert fp8.calc_diff(out.reshape(-1, CFG.hidden_size), want) < 3e-3
+  assert np.isfinite(np.asarray(net(_tokens(7)))).all()

@@ -84,3 +84,16 @@ def _saved(tmp_path):
   net = _random_hf_model({}, seed=3)
   net.save_pretrained(tmp_path / "hf")
   return tmp_path / "hf"
+
+
+def test_bf16_checkpoint_as_published_loads_with_equal_logits(tmp_path):
+  # DeepSeek's and transformers' published checkpoints store BF16: read through safetensors' numpy BF16.
+  net = _random_hf_model({}, seed=5).to(torch.bfloat16)
+  net.save_pretrained(tmp_path / "bf16")
+  # The reference: transformers' own load of the bf16 files, in f32 (a fresh model, so its rotary
+  # tables are not the bf16-rounded buffers of `net`).
+  net = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval()
+  ours = model.from_pretrained(tmp_path / "bf16", dtype=jnp.float32)
+  tokens = _prompts(4)
+  _assert_close(np.asarray(ours(jnp.asarray(tokens, jnp.int32))), _hf_logits(net, tokens))
+  assert ours.layers[1].mlp.w_up[...].dtype == jnp.float32
