@@ -70,17 +70,19 @@ def render(schedule: Schedule, path: str | os.PathLike, *, F: float = 1.0, B: fl
   plt.close(fig)
 
 
-FLAGS = flags.FLAGS
-flags.DEFINE_enum("schedule", "dualpipe", sorted(SCHEDULES), "which schedule to draw")
-flags.DEFINE_integer("ranks", 8, "pipeline ranks")
-flags.DEFINE_integer("chunks", 20, "micro-batches per step")
-flags.DEFINE_float("F", 1.0, "cost of a forward")
-flags.DEFINE_float("B", 2.0, "cost of a full backward")
-flags.DEFINE_float("W", 1.0, "cost of the weight-gradient part of a backward")
-flags.DEFINE_float("FB", None, "cost of an overlapped forward/backward pair (default F + B)")
+def _define_flags() -> None:
+  """Flags of the command line only: importing this module (as `pipeline` does) defines none."""
+  flags.DEFINE_enum("schedule", "dualpipe", sorted(SCHEDULES), "which schedule to draw")
+  flags.DEFINE_integer("ranks", 8, "pipeline ranks")
+  flags.DEFINE_integer("chunks", 20, "micro-batches per step")
+  flags.DEFINE_float("F", 1.0, "cost of a forward")
+  flags.DEFINE_float("B", 2.0, "cost of a full backward")
+  flags.DEFINE_float("W", 1.0, "cost of the weight-gradient part of a backward")
+  flags.DEFINE_float("FB", None, "cost of an overlapped forward/backward pair (default F + B)")
 
 
 def main(argv):
+  FLAGS = flags.FLAGS
   if len(argv) != 2:
     raise app.UsageError("usage: python -m pipeline.render [--schedule ...] OUT.png")
   try:
@@ -92,4 +94,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
