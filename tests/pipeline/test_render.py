@@ -7,14 +7,15 @@ import sys
 
 import pytest
 
-from pipeline import render, schedules
+import pipeline
+from pipeline import schedules
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def test_render_writes_a_png(tmp_path):
   path = tmp_path / "dualpipev.png"
-  render.render(schedules.dualpipev(4, 10), path, FB=2.5)
+  pipeline.render(schedules.dualpipev(4, 10), path, FB=2.5)
   data = path.read_bytes()
   assert data.startswith(PNG) and len(data) > 20_000  # a drawn figure, not an empty canvas
   width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
