@@ -1,0 +1,240 @@
+"""Runs any `Schedule` for one training step under `jax.shard_map` on a pipeline axis.
+
+```python
+plan = make_plan(schedules.dualpipe(4, 8))
+def step(chunk_params, inputs, labels):          # inside shard_map over "pp"
+  return pipeline_step(plan, stage_fn, loss_fn, chunk_params, inputs, labels, axis_name="pp")
+```
+
+Each rank holds its local chunks' parameters stacked on a leading axis (`layout_params` builds
+that from per-stage parameters). The executor walks the plan's ticks; at each tick every rank
+selects its op with `lax.switch`:
+
+- `F`: `jax.vjp` of the stage; the VJP's residuals are kept (except the parameters themselves,
+  which are read again at the backward). At a direction's last stage the loss is taken and its
+  gradient becomes the stage's output gradient.
+- `B`: the VJP applied to the output gradient, input and weight gradient together.
+- `Bzb` / `W`: the same VJP, the input-gradient half now and the weight-gradient half later
+  (each branch keeps only its half; XLA drops the other).
+- `F&B`: a forward of one chunk and a backward of another in one branch, compiled together so
+  that XLA can overlap them (for example one chunk's expert all-to-all with the other's compute).
+
+Between ticks, activations and gradients move with `ppermute` to the next or previous rank, or
+stay on the rank where a V turns. Stages may use collectives on other mesh axes (`ep` on a
+`pp x ep` mesh): every rank of one pipeline stage takes the same branch.
+
+Buffers hold every micro-batch of a chunk (depth = micro-batches per chunk), not only those in
+flight; that is correct for any schedule but keeps more residual memory than DualPipe does.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pipeline.plan import Plan, Step
+
+_KINDS = ("idle", "F", "B", "Bzb", "W", "FB")
+
+
+def _kind(step: Step) -> str:
+  if step.kind == "B" and step.zero_bubble:
+    return "Bzb"
+  return step.kind
+
+
+def pipeline_step(plan: Plan, stage_fn: Callable, loss_fn: Callable, params, inputs: jax.Array, labels, *,
+                  axis_name: str = "pp"):
+  """One forward and backward over every micro-batch, on this rank's chunks (call inside shard_map).
+
+  Args:
+    plan: `make_plan(schedule)`.
+    stage_fn: `(chunk_params, x) -> y`, x and y of the same shape and dtype (one micro-batch).
+    loss_fn: `(y, label) -> scalar`, applied after a direction's last stage.
+    params: this rank's chunks: a pytree whose leaves have a leading axis of `plan.num_phases`.
+    inputs: `[num_chunks, ...]` every micro-batch's input (replicated; read where it enters).
+    labels: a pytree of `[num_chunks, ...]` arrays, each micro-batch's labels.
+    axis_name: the pipeline mesh axis; its size must be the schedule's rank count.
+
+  Returns:
+    `(losses [num_chunks] float32, the same on every rank; grads like params, this rank's chunks'
+    gradients of the summed loss)`.
+  """
+  schedule = plan.schedule
+  if jax.lax.axis_size(axis_name) != schedule.num_ranks:
+    raise ValueError(f"axis {axis_name!r} has {jax.lax.axis_size(axis_name)} ranks, the schedule {schedule.num_ranks}")
+  if inputs.shape[0] != schedule.num_chunks:
+    raise ValueError(f"inputs must hold {schedule.num_chunks} micro-batches, got {inputs.shape[0]}")
+  for leaf in jax.tree.leaves(params):
+    if leaf.shape[:1] != (plan.num_phases,):
+      raise ValueError(f"params leaves need a leading axis of {plan.num_phases} chunks, got shape {leaf.shape}")
+  x_aval = jax.ShapeDtypeStruct(inputs.shape[1:], inputs.dtype)
+  chunk_avals = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), params)
+  y_aval = jax.eval_shape(stage_fn, chunk_avals, x_aval)
+  if (y_aval.shape, y_aval.dtype) != (x_aval.shape, x_aval.dtype):
+    raise ValueError(f"stage_fn must keep the micro-batch's shape and dtype {x_aval.shape} {x_aval.dtype}, "
+                     f"it gives {y_aval.shape} {y_aval.dtype}")
+  layout = _residual_layout(stage_fn, chunk_avals, x_aval)
+  rank = jax.lax.axis_index(axis_name)
+  phases, slots = plan.num_phases, plan.slots
+
+  state = {
+      "x": jnp.zeros((phases, slots, *x_aval.shape), x_aval.dtype),  # received activations
+      "g": jnp.zeros((phases, slots, *x_aval.shape), x_aval.dtype),  # output gradients
+      "res": [jnp.zeros((phases, slots, *a.shape), a.dtype) for a in layout.stored],
+      "grads": jax.tree.map(jnp.zeros_like, params),
+      "losses": jnp.zeros((schedule.num_chunks,), jnp.float32),
+      "act": jnp.zeros(x_aval.shape, x_aval.dtype),  # this tick's outgoing activation
+      "grad": jnp.zeros(x_aval.shape, x_aval.dtype),  # this tick's outgoing input gradient
+  }
+  # Every branch of the per-tick switch must return the same types, including which mesh axes
+  # a value varies over: the buffers start varying over every manual axis (pp, and ep where the
+  # stage dispatches tokens), whatever the stage writes into them.
+  manual = tuple(jax.sharding.get_abstract_mesh().manual_axes)
+  state = jax.tree.map(lambda a: _vary(a, manual), state)
+
+  def chunk(phase):
+    return jax.tree.map(lambda a: a[phase], params)
+
+  def forward(state, s):
+    p = chunk(s["f_phase"])
+    x = jnp.where(s["first"], inputs[s["micro_batch"]], state["x"][s["f_phase"], s["f_slot"]])
+    y, vjp = jax.vjp(stage_fn, p, x)
+    leaves, layout.treedef = jax.tree.flatten(vjp)  # this trace's types (mesh axes included), for the backwards
+    if len(leaves) != len(layout.param_index):
+      raise ValueError("stage_fn's VJP changed shape between traces; it must be a pure function of (params, x)")
+    stored = [leaf for leaf, index in zip(leaves, layout.param_index) if index < 0]
+    state = dict(state, act=y)
+    state["res"] = [buf.at[s["f_phase"], s["f_slot"]].set(leaf) for buf, leaf in zip(state["res"], stored)]
+    label = jax.tree.map(lambda a: a[s["micro_batch"]], labels)
+
+    def with_loss(state):
+      loss, dy = jax.value_and_grad(loss_fn)(y, label)
+      return dict(state, losses=state["losses"].at[s["micro_batch"]].set(loss.astype(jnp.float32)),
+                  g=state["g"].at[s["f_phase"], s["f_slot"]].set(dy.astype(y.dtype)))
+    return jax.lax.cond(s["last"], with_loss, lambda state: state, state)
+
+  def vjp_of(state, phase, slot):
+    p = chunk(phase)
+    p_leaves = jax.tree.leaves(p)
+    stored = iter(buf[phase, slot] for buf in state["res"])
+    leaves = [p_leaves[index] if index >= 0 else next(stored) for index in layout.param_index]
+    return jax.tree.unflatten(layout.treedef, leaves), state["g"][phase, slot]
+
+  def backward(state, s, *, inputs_grad=True, weights=True):
+    vjp, dy = vjp_of(state, s["b_phase"], s["b_slot"])
+    dp, dx = vjp(dy)
+    if weights:
+      state = dict(state, grads=jax.tree.map(lambda g, d: g.at[s["b_phase"]].add(d.astype(g.dtype)),
+                                             state["grads"], dp))
+    if inputs_grad:
+      state = dict(state, grad=dx)
+    return state
+
+  branches = {
+      "idle": lambda state, s: state,
+      "F": forward,
+      "B": backward,
+      "Bzb": lambda state, s: backward(state, s, weights=False),
+      "W": lambda state, s: backward(state, s, inputs_grad=False),
+      "FB": lambda state, s: backward(forward(state, s), s),
+  }
+  for t, steps in enumerate(plan.ticks):
+    kinds = sorted({_kind(step) for step in steps}, key=_KINDS.index)
+    if kinds == ["idle"]:
+      continue
+    fields = {name: _table([getattr(step, name) for step in steps], rank)
+              for name in ("f_phase", "f_slot", "b_phase", "b_slot", "micro_batch", "first", "last")}
+    for name in ("f_phase", "f_slot", "b_phase", "b_slot", "micro_batch"):
+      fields[name] = jnp.maximum(fields[name], 0)  # -1 (unused) reads slot 0, harmlessly
+    which = _table([kinds.index(_kind(step)) for step in steps], rank)
+    state = jax.lax.switch(which, [lambda state, kind=kind: branches[kind](state, fields) for kind in kinds], state)
+    state = _exchange(state, plan.transfers[t], rank, schedule.num_ranks, axis_name)
+  losses = jax.lax.psum(state["losses"], axis_name)  # each micro-batch's loss is taken on one rank
+  return losses, state["grads"]
+
+
+class _Layout:
+  """Which leaves of a stage's VJP are its parameters (read again) and which are stored residuals."""
+
+  def __init__(self, treedef, param_index, stored):
+    self.treedef = treedef
+    self.param_index = param_index  # per VJP leaf: index into the chunk's parameter leaves, or -1
+    self.stored = stored  # avals of the stored leaves
+
+
+def _residual_layout(stage_fn, chunk_avals, x_aval) -> _Layout:
+  found = {}
+
+  def probe(p, x):
+    _, vjp = jax.vjp(stage_fn, p, x)
+    leaves, treedef = jax.tree.flatten(vjp)
+    p_leaves = jax.tree.leaves(p)
+    index = [next((i for i, q in enumerate(p_leaves) if q is leaf), -1) for leaf in leaves]
+    found.update(treedef=treedef, index=index)
+    return [leaf for leaf, i in zip(leaves, index) if i < 0]
+
+  stored = jax.eval_shape(probe, chunk_avals, x_aval)
+  return _Layout(found["treedef"], found["index"], stored)
+
+
+def _vary(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+  missing = tuple(a for a in axes if a not in jax.typeof(x).manual_axis_type.varying)
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _table(values, rank) -> jax.Array:
+  """This rank's entry of a per-rank static list."""
+  return jnp.asarray(np.asarray(values))[rank]
+
+
+def _exchange(state, transfers, rank, num_ranks: int, axis_name: str):
+  """Sends this tick's activations and gradients and writes them into the receivers' buffers."""
+  groups: dict[tuple[bool, int], list] = {}
+  for transfer in transfers:
+    groups.setdefault((transfer.gradient, transfer.dst - transfer.src), []).append(transfer)
+  for (gradient, offset), group in sorted(groups.items()):
+    payload = state["grad" if gradient else "act"]
+    if offset != 0:
+      payload = jax.lax.ppermute(payload, axis_name, perm=[(tr.src, tr.dst) for tr in group])
+    receives = {tr.dst: tr for tr in group}
+    valid = _table([r in receives for r in range(num_ranks)], rank)
+    phase = _table([receives[r].dst_phase if r in receives else 0 for r in range(num_ranks)], rank)
+    slot = _table([receives[r].slot if r in receives else 0 for r in range(num_ranks)], rank)
+    key = "g" if gradient else "x"
+    old = state[key][phase, slot]
+    state = dict(state, **{key: state[key].at[phase, slot].set(jnp.where(valid, payload, old))})
+  return state
+
+
+def layout_params(plan: Plan, stage_params):
+  """Per-stage parameters `[num_stages, ...]` -> per-rank chunks `[num_ranks, num_phases, ...]` (shard over pp).
+
+  Stage s of each direction is model stage s; DualPipe's two directions run the same stages, so
+  each stage is held twice (once per direction), DualPipeV's V holds each of its 2P stages once.
+  """
+  schedule = plan.schedule
+  index = np.zeros((schedule.num_ranks, plan.num_phases), np.int32)
+  for stages in schedule.directions:
+    for s, (r, phase) in enumerate(stages):
+      index[r, phase] = s
+  return jax.tree.map(lambda a: a[index], stage_params)
+
+
+def collect_grads(plan: Plan, rank_grads, num_stages: int):
+  """Per-rank chunk gradients `[num_ranks, num_phases, ...]` -> per-stage `[num_stages, ...]` numpy, copies summed.
+
+  On the host (it gathers every rank's chunks): for checking and for saving, not for a training step.
+  """
+  schedule = plan.schedule
+  owners = [[] for _ in range(num_stages)]
+  for stages in schedule.directions:
+    for s, (r, phase) in enumerate(stages):
+      owners[s].append((r, phase))
+  def collect(g):
+    g = np.asarray(jax.device_get(g))
+    return np.stack([sum(g[r, phase] for r, phase in owners[s]) for s in range(num_stages)])
+  return jax.tree.map(collect, rank_grads)
