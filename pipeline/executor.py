@@ -77,14 +77,12 @@ def pipeline_step(plan: Plan, stage_fn: Callable, loss_fn: Callable, params, inp
   if (y_aval.shape, y_aval.dtype) != (x_aval.shape, x_aval.dtype):
     raise ValueError(f"stage_fn must keep the micro-batch's shape and dtype {x_aval.shape} {x_aval.dtype}, "
                      f"it gives {y_aval.shape} {y_aval.dtype}")
-  layout = _residual_layout(stage_fn, chunk_avals, x_aval)
   rank = jax.lax.axis_index(axis_name)
   phases, slots = plan.num_phases, plan.slots
 
   state = {
       "x": jnp.zeros((phases, slots, *x_aval.shape), x_aval.dtype),  # received activations
       "g": jnp.zeros((phases, slots, *x_aval.shape), x_aval.dtype),  # output gradients
-      "res": [jnp.zeros((phases, slots, *a.shape), a.dtype) for a in layout.stored],
       "grads": jax.tree.map(jnp.zeros_like, params),
       "losses": jnp.zeros((schedule.num_chunks,), jnp.float32),
       "act": jnp.zeros(x_aval.shape, x_aval.dtype),  # this tick's outgoing activation
@@ -94,7 +92,12 @@ def pipeline_step(plan: Plan, stage_fn: Callable, loss_fn: Callable, params, inp
   # a value varies over: the buffers start varying over every manual axis (pp, and ep where the
   # stage dispatches tokens), whatever the stage writes into them.
   manual = tuple(jax.sharding.get_abstract_mesh().manual_axes)
-  state = jax.tree.map(lambda a: _vary(a, manual), state)
+  # Gradients keep their parameters' types: a parameter replicated over `ep` gets a gradient
+  # summed over `ep` by the VJP itself (the transpose of its implicit broadcast).
+  state = {k: v if k == "grads" else jax.tree.map(lambda a: _vary(a, manual), v) for k, v in state.items()}
+  # The residuals' layout, traced with the types the ticks will see (mesh axes included).
+  layout = _residual_layout(stage_fn, jax.tree.map(lambda a: a[0], params), state["x"][0, 0])
+  state["res"] = [_vary(jnp.zeros((phases, slots, *a.shape), a.dtype), manual) for a in layout.stored]
 
   def chunk(phase):
     return jax.tree.map(lambda a: a[phase], params)
@@ -166,7 +169,8 @@ class _Layout:
     self.stored = stored  # avals of the stored leaves
 
 
-def _residual_layout(stage_fn, chunk_avals, x_aval) -> _Layout:
+def _residual_layout(stage_fn, chunk_params, x) -> _Layout:
+  """Traced (not run: `eval_shape` of a closure) on this shard_map's own values, so types carry their mesh axes."""
   found = {}
 
   def probe(p, x):
@@ -177,7 +181,7 @@ def _residual_layout(stage_fn, chunk_avals, x_aval) -> _Layout:
     found.update(treedef=treedef, index=index)
     return [leaf for leaf, i in zip(leaves, index) if i < 0]
 
-  stored = jax.eval_shape(probe, chunk_avals, x_aval)
+  stored = jax.eval_shape(lambda: probe(chunk_params, x))
   return _Layout(found["treedef"], found["index"], stored)
 
 
