@@ -29,7 +29,7 @@ flight; that is correct for any schedule but keeps more residual memory than Dua
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,22 +46,31 @@ def _kind(step: Step) -> str:
   return step.kind
 
 
+class StepOutput(NamedTuple):
+  losses: jax.Array  # [num_chunks] float32, every micro-batch's loss, the same on every rank
+  grads: Any  # like params: this rank's chunks' gradients of the summed loss
+  loss_param_grads: Any  # like loss_params (None without them), summed over micro-batches, on every rank
+  input_grads: jax.Array  # [num_chunks, ...] gradient of the summed loss w.r.t. each micro-batch's input, every rank
+
+
 def pipeline_step(plan: Plan, stage_fn: Callable, loss_fn: Callable, params, inputs: jax.Array, labels, *,
-                  axis_name: str = "pp"):
+                  loss_params=None, axis_name: str = "pp") -> StepOutput:
   """One forward and backward over every micro-batch, on this rank's chunks (call inside shard_map).
 
   Args:
     plan: `make_plan(schedule)`.
     stage_fn: `(chunk_params, x) -> y`, x and y of the same shape and dtype (one micro-batch).
-    loss_fn: `(y, label) -> scalar`, applied after a direction's last stage.
+    loss_fn: `(y, label) -> scalar`, or `(loss_params, y, label) -> scalar` when `loss_params`
+      is given (an output head, say), applied after a direction's last stage.
     params: this rank's chunks: a pytree whose leaves have a leading axis of `plan.num_phases`.
     inputs: `[num_chunks, ...]` every micro-batch's input (replicated; read where it enters).
     labels: a pytree of `[num_chunks, ...]` arrays, each micro-batch's labels.
+    loss_params: parameters of the loss (replicated over the pipeline), or None.
     axis_name: the pipeline mesh axis; its size must be the schedule's rank count.
 
   Returns:
-    `(losses [num_chunks] float32, the same on every rank; grads like params, this rank's chunks'
-    gradients of the summed loss)`.
+    `StepOutput(losses, grads, loss_param_grads, input_grads)`; the input gradients let an
+    embedding before the pipeline be trained.
   """
   schedule = plan.schedule
   if jax.lax.axis_size(axis_name) != schedule.num_ranks:
@@ -85,6 +94,7 @@ def pipeline_step(plan: Plan, stage_fn: Callable, loss_fn: Callable, params, inp
       "g": jnp.zeros((phases, slots, *x_aval.shape), x_aval.dtype),  # output gradients
       "grads": jax.tree.map(jnp.zeros_like, params),
       "losses": jnp.zeros((schedule.num_chunks,), jnp.float32),
+      "input_grads": jnp.zeros(inputs.shape, inputs.dtype),
       "act": jnp.zeros(x_aval.shape, x_aval.dtype),  # this tick's outgoing activation
       "grad": jnp.zeros(x_aval.shape, x_aval.dtype),  # this tick's outgoing input gradient
   }
@@ -95,6 +105,12 @@ def pipeline_step(plan: Plan, stage_fn: Callable, loss_fn: Callable, params, inp
   # Gradients keep their parameters' types: a parameter replicated over `ep` gets a gradient
   # summed over `ep` by the VJP itself (the transpose of its implicit broadcast).
   state = {k: v if k == "grads" else jax.tree.map(lambda a: _vary(a, manual), v) for k, v in state.items()}
+  if loss_params is not None:
+    # Made per-rank: only the ranks holding a last stage take the loss, inside a branch, so the
+    # gradient must not be summed across the pipeline there (that would be a collective only
+    # some ranks reach); it is summed once at the end.
+    loss_params = jax.tree.map(lambda a: _vary(a, (axis_name,)), loss_params)
+    state["loss_grads"] = jax.tree.map(jnp.zeros_like, loss_params)
   # The residuals' layout, traced with the types the ticks will see (mesh axes included).
   layout = _residual_layout(stage_fn, jax.tree.map(lambda a: a[0], params), state["x"][0, 0])
   state["res"] = [_vary(jnp.zeros((phases, slots, *a.shape), a.dtype), manual) for a in layout.stored]
@@ -115,7 +131,12 @@ def pipeline_step(plan: Plan, stage_fn: Callable, loss_fn: Callable, params, inp
     label = jax.tree.map(lambda a: a[s["micro_batch"]], labels)
 
     def with_loss(state):
-      loss, dy = jax.value_and_grad(loss_fn)(y, label)
+      if loss_params is None:
+        loss, dy = jax.value_and_grad(loss_fn)(y, label)
+      else:
+        loss, (d_loss_params, dy) = jax.value_and_grad(loss_fn, argnums=(0, 1))(loss_params, y, label)
+        state = dict(state, loss_grads=jax.tree.map(lambda g, d: g + d.astype(g.dtype), state["loss_grads"],
+                                                    d_loss_params))
       return dict(state, losses=state["losses"].at[s["micro_batch"]].set(loss.astype(jnp.float32)),
                   g=state["g"].at[s["f_phase"], s["f_slot"]].set(dy.astype(y.dtype)))
     return jax.lax.cond(s["last"], with_loss, lambda state: state, state)
@@ -134,7 +155,9 @@ def pipeline_step(plan: Plan, stage_fn: Callable, loss_fn: Callable, params, inp
       state = dict(state, grads=jax.tree.map(lambda g, d: g.at[s["b_phase"]].add(d.astype(g.dtype)),
                                              state["grads"], dp))
     if inputs_grad:
-      state = dict(state, grad=dx)
+      seen = state["input_grads"][s["b_micro_batch"]]
+      kept = jnp.where(s["b_first"], seen + dx, seen)  # only a first stage's input gradient is the micro-batch's
+      state = dict(state, grad=dx, input_grads=state["input_grads"].at[s["b_micro_batch"]].set(kept))
     return state
 
   branches = {
@@ -150,14 +173,18 @@ def pipeline_step(plan: Plan, stage_fn: Callable, loss_fn: Callable, params, inp
     if kinds == ["idle"]:
       continue
     fields = {name: _table([getattr(step, name) for step in steps], rank)
-              for name in ("f_phase", "f_slot", "b_phase", "b_slot", "micro_batch", "first", "last")}
-    for name in ("f_phase", "f_slot", "b_phase", "b_slot", "micro_batch"):
+              for name in ("f_phase", "f_slot", "b_phase", "b_slot", "micro_batch", "first", "last", "b_first",
+                           "b_micro_batch")}
+    for name in ("f_phase", "f_slot", "b_phase", "b_slot", "micro_batch", "b_micro_batch"):
       fields[name] = jnp.maximum(fields[name], 0)  # -1 (unused) reads slot 0, harmlessly
     which = _table([kinds.index(_kind(step)) for step in steps], rank)
     state = jax.lax.switch(which, [lambda state, kind=kind: branches[kind](state, fields) for kind in kinds], state)
     state = _exchange(state, plan.transfers[t], rank, schedule.num_ranks, axis_name)
-  losses = jax.lax.psum(state["losses"], axis_name)  # each micro-batch's loss is taken on one rank
-  return losses, state["grads"]
+  # Each micro-batch's loss, loss-parameter and input gradients are taken on one rank: summed over pp.
+  losses = jax.lax.psum(state["losses"], axis_name)
+  input_grads = jax.lax.psum(state["input_grads"], axis_name)
+  loss_grads = None if loss_params is None else jax.lax.psum(state["loss_grads"], axis_name)
+  return StepOutput(losses, state["grads"], loss_grads, input_grads)
 
 
 class _Layout:

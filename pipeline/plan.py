@@ -30,7 +30,8 @@ class Step:
   first: bool = False  # the forward's chunk is the first stage: its input is the micro-batch itself
   last: bool = False  # the forward's chunk is the last stage: the loss is taken here
   micro_batch: int = -1  # the forward's global micro-batch id (inputs and labels are indexed by it)
-  b_first: bool = False  # the backward's chunk is the first stage: its input gradient goes nowhere
+  b_first: bool = False  # the backward's chunk is the first stage: its input gradient is the micro-batch's
+  b_micro_batch: int = -1  # the backward's global micro-batch id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +120,8 @@ def make_plan(schedule: Schedule) -> Plan:
           k = next_b[(r, op.backward)]
           next_b[(r, op.backward)] += 1
           backward_tick[(d, s, k)] = tick
-          fields.update(b_phase=op.backward, b_slot=k, zero_bubble=op.zero_bubble, b_first=s == 0)
+          fields.update(b_phase=op.backward, b_slot=k, zero_bubble=op.zero_bubble, b_first=s == 0,
+                        b_micro_batch=schedule.micro_batches[d][k])
           if op.zero_bubble:
             deferred[r].append((op.backward, k))
           if s > 0:

@@ -57,8 +57,8 @@ def run_pipeline(schedule, stage_fn, loss_fn, stage_params, inputs, labels, num_
 
   def step(params, inputs, labels):
     local = jax.tree.map(lambda a: a[0], params)  # [1, phases, ...] -> this rank's chunks
-    losses, grads = pipeline_step(plan, stage_fn, loss_fn, local, inputs, labels, axis_name="pp")
-    return losses, jax.tree.map(lambda g: g[None], grads)
+    out = pipeline_step(plan, stage_fn, loss_fn, local, inputs, labels, axis_name="pp")
+    return out.losses, jax.tree.map(lambda g: g[None], out.grads)
 
   call = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P("pp"), P(), P()), out_specs=(P(), P("pp"))))
   losses, grads = call(rank_params, put(inputs, P()), jax.tree.map(lambda a: put(a, P()), labels))
@@ -95,7 +95,7 @@ def test_bad_arguments_name_themselves():
   params = layout_params(plan, stage_params)
 
   def call(stage_fn, inputs):
-    fn = lambda p, x, l: pipeline_step(plan, stage_fn, mse, jax.tree.map(lambda a: a[0], p), x, l)
+    fn = lambda p, x, l: pipeline_step(plan, stage_fn, mse, jax.tree.map(lambda a: a[0], p), x, l)[:2]
     put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
     return jax.shard_map(fn, mesh=mesh, in_specs=(P("pp"), P(), P()), out_specs=(P(), P("pp")))(
         jax.tree.map(lambda a: put(a, P("pp")), params), put(inputs, P()), put(labels, P()))
@@ -141,7 +141,7 @@ def test_decoder_layer_stages_on_a_pp_by_ep_mesh():
                                            rank_params)
 
   def step(params, inputs, labels):
-    losses, grads = pipeline_step(plan, stage, loss, jax.tree.map(lambda a: a[0], params), inputs, labels)
+    losses, grads, _, _ = pipeline_step(plan, stage, loss, jax.tree.map(lambda a: a[0], params), inputs, labels)
     # Expert gradients come back to their rank through combine's VJP; the replicated parameters'
     # are summed over ep by the VJP of their broadcast.
     return jax.lax.psum(losses, "ep"), jax.tree.map(lambda g: g[None], grads)
@@ -155,3 +155,38 @@ def test_decoder_layer_stages_on_a_pp_by_ep_mesh():
   # f32 sums over tokens split four ways, then psum'd: measured up to 2.2e-6 of each gradient's scale.
   for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(want_grads)):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max() + 1e-30, err_msg=str(path))
+
+
+@pytest.mark.parametrize("name, ranks, chunks, num_stages", [("dualpipe", 4, 8, 4), ("dualpipev", 2, 4, 4)])
+def test_loss_parameters_and_input_gradients(name, ranks, chunks, num_stages):
+  """A head inside the loss and an embedding before the pipeline get their gradients too."""
+  stage_params, inputs, labels = _problem(num_stages, chunks, seed=3)
+  head = {"w": jax.random.normal(jax.random.key(4), (H, H)) / 4}
+
+  def head_loss(lp, y, label):
+    return jnp.mean((y @ lp["w"] - label) ** 2)
+
+  def total(sp, lp, x):
+    losses = []
+    for m in range(chunks):
+      h = x[m]
+      for s in range(num_stages):
+        h = mlp_stage(jax.tree.map(lambda a: a[s], sp), h)
+      losses.append(head_loss(lp, h, labels[m]))
+    return jnp.stack(losses).sum()
+  want = jax.jit(jax.grad(total, argnums=(1, 2)))(stage_params, head, inputs)
+
+  plan = make_plan(schedules.SCHEDULES[name](ranks, chunks))
+  mesh = jax.make_mesh((ranks,), ("pp",), devices=jax.devices()[:ranks])
+  put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+
+  def step(params, lp, inputs, labels):
+    out = pipeline_step(plan, mlp_stage, head_loss, jax.tree.map(lambda a: a[0], params), inputs, labels,
+                        loss_params=lp)
+    return out.loss_param_grads, out.input_grads
+
+  call = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P("pp"), P(), P(), P()), out_specs=(P(), P())))
+  got_head, got_inputs = call(jax.tree.map(lambda a: put(a, P("pp")), layout_params(plan, stage_params)),
+                              jax.tree.map(lambda a: put(a, P()), head), put(inputs, P()), put(labels, P()))
+  np.testing.assert_allclose(got_head["w"], want[0]["w"], rtol=0, atol=1e-6 * np.abs(want[0]["w"]).max())
+  np.testing.assert_allclose(got_inputs, want[1], rtol=0, atol=1e-6 * np.abs(want[1]).max())
