@@ -217,3 +217,5 @@ PRESETS: dict[str, ModelConfig] = {
             "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
         max_position_embeddings=1024, num_nextn_predict_layers=1),
 }
+# The pipeline's demo: tiny with 4 MoE layers, which split into 1, 2 or 4 alike pipeline stages.
+PRESETS["demo"] = dataclasses.replace(PRESETS["tiny"], num_hidden_layers=5)

@@ -23,8 +23,14 @@ Between ticks, activations and gradients move with `ppermute` to the next or pre
 stay on the rank where a V turns. Stages may use collectives on other mesh axes (`ep` on a
 `pp x ep` mesh): every rank of one pipeline stage takes the same branch.
 
-Buffers hold every micro-batch of a chunk (depth = micro-batches per chunk), not only those in
-flight; that is correct for any schedule but keeps more residual memory than DualPipe does.
+Known costs (correct, not yet efficient; see the pipeline issue's notes):
+- buffers hold every micro-batch of a chunk, not only those in flight (GPipe's activation
+  memory, not DualPipe's PP+1), and a VJP residual is recognised as a parameter only when it
+  is the parameter itself, so a stage that casts or transposes its weights stores those copies
+  per micro-batch;
+- `W` runs the stage's VJP again and keeps the weight half, so `Bzb + W` costs more than `B`;
+- ticks run in lockstep, and a tick's sends are read by the next tick, so transfers do not
+  overlap compute; every tick is unrolled at trace time, so compile time grows with ticks.
 """
 
 from __future__ import annotations
@@ -77,6 +83,9 @@ def pipeline_step(plan: Plan, stage_fn: Callable, loss_fn: Callable, params, inp
     raise ValueError(f"axis {axis_name!r} has {jax.lax.axis_size(axis_name)} ranks, the schedule {schedule.num_ranks}")
   if inputs.shape[0] != schedule.num_chunks:
     raise ValueError(f"inputs must hold {schedule.num_chunks} micro-batches, got {inputs.shape[0]}")
+  for leaf in jax.tree.leaves(labels):
+    if leaf.shape[:1] != (schedule.num_chunks,):
+      raise ValueError(f"labels must hold {schedule.num_chunks} micro-batches, got a leaf of shape {leaf.shape}")
   for leaf in jax.tree.leaves(params):
     if leaf.shape[:1] != (plan.num_phases,):
       raise ValueError(f"params leaves need a leading axis of {plan.num_phases} chunks, got shape {leaf.shape}")
@@ -248,6 +257,10 @@ def layout_params(plan: Plan, stage_params):
   each stage is held twice (once per direction), DualPipeV's V holds each of its 2P stages once.
   """
   schedule = plan.schedule
+  num_stages = len(schedule.directions[0])
+  for leaf in jax.tree.leaves(stage_params):
+    if leaf.shape[:1] != (num_stages,):
+      raise ValueError(f"stage_params must hold the schedule's {num_stages} stages, got a leaf of shape {leaf.shape}")
   index = np.zeros((schedule.num_ranks, plan.num_phases), np.int32)
   for stages in schedule.directions:
     for s, (r, phase) in enumerate(stages):

@@ -96,10 +96,17 @@ class Schedule:
       backward on each stage, the previous stage's forward, the next stage's backward), every
       rank finishes: no rank waits forever.
     """
+    seen = [m for batches in self.micro_batches for m in batches]
+    if sorted(seen) != list(range(self.num_chunks)):
+      raise ValueError(f"schedule {self.name}: micro_batches must hold each of 0..{self.num_chunks - 1} once, "
+                       f"got {self.micro_batches}")
+    if len(self.directions) != len(self.micro_batches) or len(self.rank_ops) != self.num_ranks:
+      raise ValueError(f"schedule {self.name}: {len(self.directions)} directions with {len(self.micro_batches)} "
+                       f"micro-batch lists, {len(self.rank_ops)} op lists for {self.num_ranks} ranks")
     from pipeline.simulate import simulate_schedule  # the same walk times it
     simulate_schedule(self, F=1.0, B=2.0, W=1.0, FB=3.0)
 
-  def simulate(self, *, F: float = 1.0, B: float = 2.0, W: float = 1.0, FB: float | None = None):
+  def simulate(self, F: float = 1.0, B: float = 2.0, W: float = 1.0, FB: float | None = None):
     """Times the schedule with per-op costs; see `pipeline.simulate.simulate_schedule`."""
     from pipeline.simulate import simulate_schedule
     return simulate_schedule(self, F=F, B=B, W=W, FB=F + B if FB is None else FB)

@@ -105,8 +105,8 @@ def simulate_schedule(schedule: Schedule, *, F: float, B: float, W: float, FB: f
   def cost(op):
     if op.weight:
       return W
-    if op.overlapped:
-      return FB - (W if op.zero_bubble else 0.0)
+    if op.overlapped:  # DualPipe's notation has no zero-bubble overlapped pair
+      return FB
     if op.forward is not None:
       return F
     return B - W if op.zero_bubble else B

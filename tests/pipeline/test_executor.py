@@ -104,6 +104,8 @@ def test_bad_arguments_name_themselves():
     call(lambda p, x: (x @ p["w1"]), inputs)
   with pytest.raises(ValueError, match="inputs must hold 4 micro-batches"):
     call(mlp_stage, inputs[:3])
+  with pytest.raises(ValueError, match="stage_params must hold the schedule's 2 stages"):
+    layout_params(plan, jax.tree.map(lambda a: a[:1], stage_params))
 
 
 def test_decoder_layer_stages_on_a_pp_by_ep_mesh():

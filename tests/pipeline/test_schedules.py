@@ -82,6 +82,8 @@ def test_validate_names_what_is_wrong():
     _with_ops(zb, 2, zb.ops(2)[:-1]).validate()
   with pytest.raises(ValueError, match="holds no chunk 1"):
     _with_ops(s, 0, ["F1"] + s.ops(0)).validate()
+  with pytest.raises(ValueError, match="must hold each of 0..7 once"):
+    dataclasses.replace(s, micro_batches=((0, 1, 2, 3, 4, 5, 6, 6),)).validate()
   # Rank 0 waiting for its backward before its forwards have gone out: nobody can move.
   first = s.ops(0)
   stuck = ["F0", "B0"] + [op for op in first if op != "F0"][1:] + ["F0"] * (first.count("F0") - 1)
@@ -122,8 +124,6 @@ def test_dualpipe_bubble_and_memory_table(pp, fb):
     sim = schedule.simulate(F=F, B=B, W=W, FB=fb)
     assert max(sim.bubble) == pytest.approx(bubble), name
     assert max(sim.peak_activations) == activations, name
-    work = sum(end - start for span in sim.timeline[0] for start, end in [(span.start, span.end)])
-    assert sim.makespan == pytest.approx(work + sim.bubble[0]), name
 
 
 def test_simulation_with_other_costs_orders_the_schedules():

@@ -1,0 +1,219 @@
+"""Training a DeepSeek-V3 with a pipeline schedule on a `pp x ep` mesh: parameters, one jitted step, checkpoints.
+
+The step is one `jax.shard_map` over the mesh. Every rank embeds its share of the batch (the
+batch is split over `ep`), runs the pipeline (`pipeline_step`; stages are MoE layers whose
+experts are split over `ep`), takes the embedding's gradient from the pipeline's input
+gradients, and applies AdamW with warmup and cosine decay (optax) to its own parameters.
+DualPipe holds every stage twice (once per direction): the two copies' gradients are summed,
+so both take the same update.
+
+Checkpoints are the model's own safetensors format (`model.save_pretrained`) in
+`{dir}/step_{n:08d}/`, with the optimizer state (`optimizer.safetensors`) and
+`trainer_state.json` beside it; `restore` continues from the latest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import safetensors.numpy
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import model as model_lib
+from model.weight_writer import host_value
+from pipeline import schedules
+from pipeline.executor import layout_params, pipeline_step
+from pipeline.model_stages import Partition
+from pipeline.plan import make_plan
+
+STATE = "trainer_state.json"
+OPTIMIZER = "optimizer.safetensors"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  preset: str = "demo"
+  pp: int = 1
+  ep: int = 1
+  schedule: str = "1f1b"
+  chunks: int = 2  # micro-batches per step
+  micro_batch: int = 8  # sequences per micro-batch (split over ep)
+  seq_len: int = 128
+  steps: int = 200
+  lr: float = 3e-3
+  warmup_steps: int = 20
+  min_lr_ratio: float = 0.1
+  weight_decay: float = 0.1
+  seed: int = 0
+
+  def check(self) -> None:
+    """ValueError naming the setting that cannot work (or two that conflict)."""
+    if self.preset not in model_lib.PRESETS:
+      raise ValueError(f"preset must be one of {sorted(model_lib.PRESETS)}, got {self.preset!r}")
+    if self.schedule not in schedules.SCHEDULES:
+      raise ValueError(f"schedule must be one of {sorted(schedules.SCHEDULES)}, got {self.schedule!r}")
+    for name in ("pp", "ep", "chunks", "micro_batch", "seq_len", "steps"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.micro_batch % self.ep:
+      raise ValueError(f"micro_batch={self.micro_batch} does not split over ep={self.ep}")
+    if self.pp * self.ep != jax.device_count():
+      raise ValueError(f"pp x ep = {self.pp} x {self.ep} needs {self.pp * self.ep} devices, there are "
+                       f"{jax.device_count()}")
+    if not 0 <= self.warmup_steps < self.steps:
+      raise ValueError(f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
+    if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.weight_decay < 0:
+      raise ValueError("lr must be > 0, min_lr_ratio in [0, 1] and weight_decay >= 0")
+    schedules.SCHEDULES[self.schedule](self.pp, self.chunks)  # ValueError for a schedule these do not fit
+
+
+def optimizer(config: TrainConfig) -> optax.GradientTransformation:
+  lr = optax.warmup_cosine_decay_schedule(0.0, config.lr, config.warmup_steps, config.steps,
+                                          end_value=config.lr * config.min_lr_ratio)
+  return optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=config.weight_decay)
+
+
+class Trainer:
+  """Builds the model, the mesh and the step; holds the sharded parameters and optimizer state."""
+
+  def __init__(self, config: TrainConfig, *, model: model_lib.DeepseekV3 | None = None):
+    config.check()
+    self.config = config
+    self.schedule = schedules.SCHEDULES[config.schedule](config.pp, config.chunks)
+    self.plan = make_plan(self.schedule)
+    self.num_stages = len(self.schedule.directions[0])
+    self.model = model or model_lib.DeepseekV3(model_lib.PRESETS[config.preset], rngs=nnx.Rngs(config.seed))
+    self.partition = Partition(self.model, self.num_stages, ep_axis="ep" if config.ep > 1 else None)
+    if config.ep > 1 and self.model.config.n_routed_experts % config.ep:
+      raise ValueError(f"{self.model.config.n_routed_experts} experts do not split over ep={config.ep}")
+    self.mesh = jax.make_mesh((config.pp, config.ep), ("pp", "ep"), axis_types=(AxisType.Auto,) * 2)
+    self.tx = optimizer(config)
+    self.step_count = 0
+    self._place(*self.partition.split(self.model))
+    abstract = jax.eval_shape(self.tx.init, self.params)
+    # The optimizer's moments lie like the parameters; its counters are replicated.
+    self.opt_specs = optax.tree_map_params(self.tx, lambda _, spec: spec, abstract, self.param_specs,
+                                           transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
+    self.opt_state = jax.jit(self.tx.init, out_shardings=jax.tree.map(
+        lambda spec: NamedSharding(self.mesh, spec), self.opt_specs, is_leaf=lambda x: isinstance(x, P)))(self.params)
+    self._step = None
+
+  def _specs(self, params):
+    def spec(path, leaf):
+      names = [getattr(k, "key", None) for k in path]
+      if names[0] == "stages":
+        expert = names[-1] in ("w_gate", "w_up", "w_down") and self.config.ep > 1
+        return P("pp", None, None, "ep") if expert else P("pp")
+      return P()
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+  def _place(self, pre, stages, post) -> None:
+    params = {"pre": pre, "stages": layout_params(self.plan, stages), "post": post}
+    self.param_specs = self._specs(params)
+    self.params = jax.tree.map(lambda a, s: jax.device_put(jnp.asarray(a), NamedSharding(self.mesh, s)), params,
+                               self.param_specs)
+
+  def _build_step(self):
+    config, plan, part = self.config, self.plan, self.partition
+    num_tokens = config.chunks * config.micro_batch * config.seq_len
+    mirrored = config.schedule == "dualpipe"
+    opt_specs = self.opt_specs
+
+    def local(params, opt_state, windows):
+      tokens, targets = windows[..., :-1], windows[..., 1:]  # [chunks, micro_batch / ep, seq]
+      hidden, pre_vjp = jax.vjp(lambda pre: jax.vmap(lambda t: part.pre_fn(pre, t))(tokens), params["pre"])
+      chunks = jax.tree.map(lambda a: a[0], params["stages"])
+      out = pipeline_step(plan, part.stage_fn, functools.partial(part.loss_fn, num_tokens=num_tokens), chunks,
+                          hidden, targets, loss_params=params["post"], axis_name="pp")
+      (pre_grads,) = pre_vjp(out.input_grads)
+      stage_grads = out.grads
+      if mirrored:  # rank r's chunk 0 is the stage rank P-1-r holds as chunk 1: sum the copies
+        perm = [(r, config.pp - 1 - r) for r in range(config.pp)]
+        stage_grads = jax.tree.map(lambda g: g + jax.lax.ppermute(g[::-1], "pp", perm), stage_grads)
+      grads = {"pre": pre_grads, "stages": jax.tree.map(lambda g: g[None], stage_grads),
+               "post": out.loss_param_grads}
+      updates, opt_state = self.tx.update(grads, opt_state, params)
+      loss = jax.lax.psum(out.losses.sum(), "ep") if config.ep > 1 else out.losses.sum()
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    windows_spec = P(None, "ep") if config.ep > 1 else P()
+    mapped = jax.shard_map(local, mesh=self.mesh, in_specs=(self.param_specs, opt_specs, windows_spec),
+                           out_specs=(self.param_specs, opt_specs, P()))
+    return jax.jit(mapped, donate_argnums=(0, 1)), windows_spec
+
+  def step(self, windows: np.ndarray) -> float:
+    """One optimizer step on `[chunks * micro_batch, seq_len + 1]` token windows; returns the mean loss."""
+    c = self.config
+    windows = np.asarray(windows, np.int32).reshape(c.chunks, c.micro_batch, c.seq_len + 1)
+    if self._step is None:
+      self._step, self._windows_spec = self._build_step()
+    placed = jax.device_put(windows, NamedSharding(self.mesh, self._windows_spec))
+    self.params, self.opt_state, loss = self._step(self.params, self.opt_state, placed)
+    self.step_count += 1
+    return float(loss)
+
+  def model_with_params(self) -> model_lib.DeepseekV3:
+    """The model with the trained parameters (gathered to the host)."""
+    host = jax.tree.map(host_value, self.params)
+    stages = _stage_params(self.plan, host["stages"], self.num_stages)
+    self.partition.merge(self.model, host["pre"], stages, host["post"])
+    return self.model
+
+  def save(self, directory: str) -> str:
+    """Writes `{directory}/step_{n:08d}` (model, optimizer, trainer state); returns its path."""
+    path = os.path.join(directory, f"step_{self.step_count:08d}")
+    model_lib.save_pretrained(self.model_with_params(), path, overwrite=True)
+    leaves = jax.tree.leaves(self.opt_state)
+    host = [np.ascontiguousarray(host_value(leaf)) for leaf in leaves]
+    if jax.process_index() == 0:
+      safetensors.numpy.save_file({f"{i:05d}": a for i, a in enumerate(host)}, os.path.join(path, OPTIMIZER))
+      with open(os.path.join(path, STATE), "w") as f:
+        json.dump({"step": self.step_count, "config": dataclasses.asdict(self.config)}, f, indent=2)
+    return path
+
+  def restore(self, directory: str) -> int:
+    """Continues from the latest `step_*` in `directory` (0 if there is none); returns its step."""
+    latest = latest_checkpoint(directory)
+    if latest is None:
+      return 0
+    with open(os.path.join(latest, STATE)) as f:
+      saved = json.load(f)
+    loaded = model_lib.from_pretrained(latest, dtype=jnp.float32, mtp=self.model.config.num_nextn_predict_layers > 0)
+    self._place(*self.partition.split(loaded))
+    self.model = loaded
+    arrays = safetensors.numpy.load_file(os.path.join(latest, OPTIMIZER))
+    leaves, treedef = jax.tree.flatten(self.opt_state)
+    if len(arrays) != len(leaves):
+      raise ValueError(f"{latest}/{OPTIMIZER} holds {len(arrays)} tensors, this optimizer has {len(leaves)}")
+    restored = [jax.device_put(arrays[f"{i:05d}"].astype(leaf.dtype), leaf.sharding) for i, leaf in enumerate(leaves)]
+    self.opt_state = jax.tree.unflatten(treedef, restored)
+    self.step_count = int(saved["step"])
+    self._step = None
+    return self.step_count
+
+
+def latest_checkpoint(directory: str) -> str | None:
+  """The `step_*` subdirectory with the highest step that holds a complete trainer state, or None."""
+  if not os.path.isdir(directory):
+    return None
+  steps = [(int(m.group(1)), name) for name in os.listdir(directory)
+           if (m := re.fullmatch(r"step_(\d+)", name)) and os.path.exists(os.path.join(directory, name, STATE))]
+  return os.path.join(directory, max(steps)[1]) if steps else None
+
+
+def _stage_params(plan, rank_params, num_stages: int):
+  """Per-rank chunks `[pp, phases, ...]` -> per-stage `[num_stages, ...]` (one copy of each)."""
+  owner = {}
+  for stages in plan.schedule.directions:
+    for s, (r, phase) in enumerate(stages):
+      owner.setdefault(s, (r, phase))
+  return jax.tree.map(lambda a: np.stack([a[owner[s][0], owner[s][1]] for s in range(num_stages)]), rank_params)
