@@ -63,6 +63,6 @@ def _quantizer(take):
 
 def host_value(value: jax.Array) -> np.ndarray:
   """The whole array on this host (gathered across processes when sharded over several)."""
-  if value.is_fully_addressable:
+  if not isinstance(value, jax.Array) or value.is_fully_addressable:
     return np.asarray(jax.device_get(value))
   return np.asarray(multihost_utils.process_allgather(value, tiled=True))

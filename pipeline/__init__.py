@@ -8,7 +8,8 @@ Built:
 - `pipeline.executor.pipeline_step`: any schedule for one training step under `jax.shard_map`
   on a `pp` axis (`make_plan` lays it out in ticks; `layout_params` / `collect_grads` map
   per-stage parameters to ranks' chunks and back).
-Still to come: the training binary (`python -m pipeline.train`).
+- `pipeline.trainer.Trainer` and `python -m pipeline.train`: DeepSeek-V3 presets trained on a
+  `pp x ep` mesh (`pipeline.model_stages` cuts the model; `pipeline.data` reads the text).
 """
 
 from pipeline.executor import collect_grads, layout_params, pipeline_step
