@@ -66,14 +66,14 @@ class TrainConfig:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
     if self.micro_batch % self.ep:
       raise ValueError(f"micro_batch={self.micro_batch} does not split over ep={self.ep}")
-    if self.pp * self.ep != jax.device_count():
+    schedules.SCHEDULES[self.schedule](self.pp, self.chunks)  # ValueError for a schedule these do not fit
+    if self.pp * self.ep > jax.device_count():
       raise ValueError(f"pp x ep = {self.pp} x {self.ep} needs {self.pp * self.ep} devices, there are "
                        f"{jax.device_count()}")
     if not 0 <= self.warmup_steps < self.steps:
       raise ValueError(f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
     if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.weight_decay < 0:
       raise ValueError("lr must be > 0, min_lr_ratio in [0, 1] and weight_decay >= 0")
-    schedules.SCHEDULES[self.schedule](self.pp, self.chunks)  # ValueError for a schedule these do not fit
 
 
 def optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -95,7 +95,9 @@ class Trainer:
     self.partition = Partition(self.model, self.num_stages, ep_axis="ep" if config.ep > 1 else None)
     if config.ep > 1 and self.model.config.n_routed_experts % config.ep:
       raise ValueError(f"{self.model.config.n_routed_experts} experts do not split over ep={config.ep}")
-    self.mesh = jax.make_mesh((config.pp, config.ep), ("pp", "ep"), axis_types=(AxisType.Auto,) * 2)
+    devices = jax.devices()[:config.pp * config.ep] if jax.process_count() == 1 else jax.devices()
+    self.mesh = jax.make_mesh((config.pp, config.ep), ("pp", "ep"), axis_types=(AxisType.Auto,) * 2,
+                              devices=devices)
     self.tx = optimizer(config)
     self.step_count = 0
     self._place(*self.partition.split(self.model))
