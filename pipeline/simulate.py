@@ -64,32 +64,29 @@ def simulate_schedule(schedule: Schedule, *, F: float, B: float, W: float, FB: f
   peak = [0] * num_ranks
   timeline = [[] for _ in range(num_ranks)]
 
-  def micro_batch(rank, phase, counter):
+  def micro_batch(rank, phase, counter, text=None):
+    """The micro-batch the chunk's next forward (or backward) runs; ValueError if it has run them all."""
     d, _ = where[(rank, phase)]
     k = counter[(rank, phase)]
     batches = schedule.micro_batches[d]
     if k >= len(batches):
-      return None
+      kind = "forward" if counter is next_forward else "backward"
+      raise ValueError(f"rank {rank} op {position[rank]} ({text}): chunk {phase} has no micro-batch left to run "
+                       f"{kind}")
     return batches[k]
 
   def ready_time(rank, op, text):
     """When the op's inputs exist, or None if one does not exist yet."""
     times = [clock[rank]]
     if op.forward is not None:
-      m = micro_batch(rank, op.forward, next_forward)
-      if m is None:
-        raise ValueError(f"rank {rank} op {position[rank]} ({text}): chunk {op.forward} has no micro-batch left "
-                         "to run forward")
+      m = micro_batch(rank, op.forward, next_forward, text)
       d, s = where[(rank, op.forward)]
       if s > 0:
         if (d, s - 1, m) not in forward_done:
           return None
         times.append(forward_done[(d, s - 1, m)])
     if op.backward is not None:
-      m = micro_batch(rank, op.backward, next_backward)
-      if m is None:
-        raise ValueError(f"rank {rank} op {position[rank]} ({text}): chunk {op.backward} has no micro-batch left "
-                         "to run backward")
+      m = micro_batch(rank, op.backward, next_backward, text)
       d, s = where[(rank, op.backward)]
       if (d, s, m) not in forward_done:
         raise ValueError(f"rank {rank} op {position[rank]} ({text}): backward of micro-batch {m} before its forward "
