@@ -144,10 +144,10 @@ class Trainer:
       grads = {"pre": pre_grads, "stages": jax.tree.map(lambda g: g[None], stage_grads),
                "post": out.loss_param_grads}
       updates, opt_state = self.tx.update(grads, opt_state, params)
-      loss = jax.lax.psum(out.losses.sum(), "ep") if config.ep > 1 else out.losses.sum()
+      loss = jax.lax.psum(out.losses.sum(), "ep")
       return optax.apply_updates(params, updates), opt_state, loss
 
-    windows_spec = P(None, "ep") if config.ep > 1 else P()
+    windows_spec = P(None, "ep")  # also with ep = 1: the batch's types then vary over ep like the pipeline's buffers
     mapped = jax.shard_map(local, mesh=self.mesh, in_specs=(self.param_specs, opt_specs, windows_spec),
                            out_specs=(self.param_specs, opt_specs, P()))
     return jax.jit(mapped, donate_argnums=(0, 1)), windows_spec

@@ -36,7 +36,7 @@ def test_dualpipev_on_pp_by_ep_equals_no_pipeline(corpus):
 
 
 def test_resume_continues_exactly(corpus, tmp_path):
-  config = TrainConfig(pp=1, ep=8, schedule="1f1b", **SMALL)
+  config = TrainConfig(**SMALL)  # the binary's defaults: one device, no pipeline, no expert parallelism
   trainer = Trainer(config)
   losses = [trainer.step(_windows(corpus, config, s)) for s in range(2)]
   path = trainer.save(str(tmp_path))
