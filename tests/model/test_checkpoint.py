@@ -116,7 +116,7 @@ def test_fp8_checkpoint_holds_deepseeks_format_and_loads_dequantized(net, tmp_pa
   for file in set(_weight_map(path).values()):
     headers.update(read_header(str(path / file)))
   quantized = {n for n in headers if hf_names.is_quantizable(n)}
-  assert f"model.layers.0.self_attn.kv_b_proj.weight" in quantized
+  assert "model.layers.0.self_attn.kv_b_proj.weight" in quantized
   assert "model.layers.1.mlp.experts.7.up_proj.weight" in quantized and "model.layers.0.mlp.down_proj.weight" in quantized
   for name, info in headers.items():
     if name in quantized:
