@@ -44,8 +44,9 @@ def _linear_fwd(x, w, ue8m0, implementation, interpret):
   y = api.gemm_nt(quantize_per_token(x_pad, ue8m0=ue8m0), w_q, out_dtype=jnp.float32,
                   implementation=implementation, interpret=interpret)
   x_channel = quantize_per_channel(_pad(x_pad, m_pad, k_pad), ue8m0=ue8m0)
-  # Empty arrays carry x's and w's dtypes and k_in to the backward; dy brings m and n_out.
-  residuals = (w_q, x_channel, jnp.zeros((0, k_in), x.dtype), jnp.zeros((0,), w.dtype))
+  # Empty slices carry x's and w's dtypes (and, under shard_map, the mesh axes each varies
+  # over) and k_in to the backward; dy brings m and n_out.
+  residuals = (w_q, x_channel, x[:0], w[:0, :0])
   return y[:, :n_out].astype(x.dtype), residuals
 
 
@@ -60,7 +61,23 @@ def _linear_bwd(ue8m0, implementation, interpret, residuals, dy):
   dy_channel = quantize_per_channel(_pad(dy_pad, m_pad, n_pad), ue8m0=ue8m0)
   dw = api.k_grouped_gemm_tn_contiguous(dy_channel, x_channel, [m_pad], implementation=implementation,
                                         interpret=interpret)[0]
-  return dx[:, :k_in].astype(x_like.dtype), dw[:n_out, :k_in].astype(w_like.dtype)
+  return _like(dx[:, :k_in], x_like), _like(dw[:n_out, :k_in], w_like)
+
+
+def _like(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
+  """The cotangent in the primal's dtype and mesh-axis type: summed over the axes only it varies over.
+
+  Under shard_map a weight replicated over an axis (say `ep`) gets a gradient from every rank's
+  tokens; the sum over that axis is its gradient, as JAX's own transpose of the implicit
+  broadcast would give.
+  """
+  extra = tuple(jax.typeof(cotangent).manual_axis_type.varying - jax.typeof(primal).manual_axis_type.varying)
+  if extra:
+    cotangent = jax.lax.psum(cotangent, extra)
+  missing = tuple(jax.typeof(primal).manual_axis_type.varying - jax.typeof(cotangent).manual_axis_type.varying)
+  if missing:
+    cotangent = jax.lax.pcast(cotangent, missing, to="varying")
+  return cotangent.astype(primal.dtype)
 
 
 _linear_2d.defvjp(_linear_fwd, _linear_bwd)

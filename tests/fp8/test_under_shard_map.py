@@ -48,3 +48,22 @@ def test_the_four_gemms_under_shard_map():
     for r in (0, RANKS - 1):
       want = np.asarray(op(a[r], b[r], masked_m[r], m_indices[r], kb[r]))
       np.testing.assert_array_equal(got[r], want, err_msg=name)
+
+
+def test_linear_gradient_of_a_replicated_weight_is_summed_over_ranks():
+  """Tokens split over `ep`, the weight replicated: its gradient is the sum of every rank's, as outside shard_map."""
+  keys = jax.random.split(jax.random.key(1), 2)
+  x = jax.random.normal(keys[0], (RANKS * 16, 256), jnp.float32)
+  w = jax.random.normal(keys[1], (128, 256), jnp.float32) / 16
+  loss = lambda x, w: jnp.sum(fp8.linear(x, w, implementation="xla") ** 2)
+  want_dx, want_dw = jax.grad(loss, argnums=(0, 1))(x, w)
+
+  mesh = jax.make_mesh((RANKS,), ("ep",))
+  sharded = jax.shard_map(jax.grad(loss, argnums=(0, 1)), mesh=mesh, in_specs=(P("ep"), P()),
+                          out_specs=(P("ep"), P()))
+  dx, dw = jax.jit(sharded)(jax.device_put(x, NamedSharding(mesh, P("ep"))), w)
+  # Per-token quantization of x and dy is row-local, so each rank's share is the same computation;
+  # only the per-channel wgrad scales (over 16 rows instead of 128) and the sum's order differ.
+  np.testing.assert_allclose(dx, want_dx, rtol=0, atol=1e-6 * np.abs(want_dx).max())
+  np.testing.assert_allclose(dw, want_dw, rtol=0, atol=0.05 * np.abs(want_dw).max())
+  assert jax.typeof(dw).sharding.spec == P() or dw.sharding.is_fully_replicated
