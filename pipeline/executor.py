@@ -57,25 +57,28 @@ class StepOutput(NamedTuple):
   grads: Any  # like params: this rank's chunks' gradients of the summed loss
   loss_param_grads: Any  # like loss_params (None without them), summed over micro-batches, on every rank
   input_grads: jax.Array  # [num_chunks, ...] gradient of the summed loss w.r.t. each micro-batch's input, every rank
+  aux: Any = None  # with has_aux: loss_fn's aux pytree, each leaf stacked to [num_chunks, ...], on every rank
 
 
 def pipeline_step(plan: Plan, stage_fn: Callable, loss_fn: Callable, params, inputs: jax.Array, labels, *,
-                  loss_params=None, axis_name: str = "pp") -> StepOutput:
+                  loss_params=None, has_aux: bool = False, axis_name: str = "pp") -> StepOutput:
   """One forward and backward over every micro-batch, on this rank's chunks (call inside shard_map).
 
   Args:
     plan: `make_plan(schedule)`.
     stage_fn: `(chunk_params, x) -> y`, x and y of the same shape and dtype (one micro-batch).
     loss_fn: `(y, label) -> scalar`, or `(loss_params, y, label) -> scalar` when `loss_params`
-      is given (an output head, say), applied after a direction's last stage.
+      is given (an output head, say), applied after a direction's last stage. With has_aux it
+      returns `(scalar, aux)`, aux a pytree of arrays (per-micro-batch metrics, say).
     params: this rank's chunks: a pytree whose leaves have a leading axis of `plan.num_phases`.
     inputs: `[num_chunks, ...]` every micro-batch's input (replicated; read where it enters).
     labels: a pytree of `[num_chunks, ...]` arrays, each micro-batch's labels.
     loss_params: parameters of the loss (replicated over the pipeline), or None.
+    has_aux: loss_fn returns `(loss, aux)`; aux is collected per micro-batch into `StepOutput.aux`.
     axis_name: the pipeline mesh axis; its size must be the schedule's rank count.
 
   Returns:
-    `StepOutput(losses, grads, loss_param_grads, input_grads)`; the input gradients let an
+    `StepOutput(losses, grads, loss_param_grads, input_grads, aux)`; the input gradients let an
     embedding before the pipeline be trained.
   """
   schedule = plan.schedule
@@ -95,6 +98,11 @@ def pipeline_step(plan: Plan, stage_fn: Callable, loss_fn: Callable, params, inp
   if (y_aval.shape, y_aval.dtype) != (x_aval.shape, x_aval.dtype):
     raise ValueError(f"stage_fn must keep the micro-batch's shape and dtype {x_aval.shape} {x_aval.dtype}, "
                      f"it gives {y_aval.shape} {y_aval.dtype}")
+  aux_avals = None
+  if has_aux:
+    label_aval = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), labels)
+    loss_args = (y_aval, label_aval) if loss_params is None else (loss_params, y_aval, label_aval)
+    _, aux_avals = jax.eval_shape(loss_fn, *loss_args)
   rank = jax.lax.axis_index(axis_name)
   phases, slots = plan.num_phases, plan.slots
 
@@ -103,6 +111,7 @@ def pipeline_step(plan: Plan, stage_fn: Callable, loss_fn: Callable, params, inp
       "g": jnp.zeros((phases, slots, *x_aval.shape), x_aval.dtype),  # output gradients
       "grads": jax.tree.map(jnp.zeros_like, params),
       "losses": jnp.zeros((schedule.num_chunks,), jnp.float32),
+      "aux": jax.tree.map(lambda a: jnp.zeros((schedule.num_chunks, *a.shape), a.dtype), aux_avals),
       "input_grads": jnp.zeros(inputs.shape, inputs.dtype),
       "act": jnp.zeros(x_aval.shape, x_aval.dtype),  # this tick's outgoing activation
       "grad": jnp.zeros(x_aval.shape, x_aval.dtype),  # this tick's outgoing input gradient
@@ -122,7 +131,10 @@ def pipeline_step(plan: Plan, stage_fn: Callable, loss_fn: Callable, params, inp
     state["loss_grads"] = jax.tree.map(jnp.zeros_like, loss_params)
   # The residuals' layout, traced with the types the ticks will see (mesh axes included).
   layout = _residual_layout(stage_fn, jax.tree.map(lambda a: a[0], params), state["x"][0, 0])
-  state["res"] = [_vary(jnp.zeros((phases, slots, *a.shape), a.dtype), manual) for a in layout.stored]
+  # Each residual buffer keeps its residual's own type: a custom VJP may keep a slice of a
+  # parameter replicated over `ep`, say, and its backward expects that type back.
+  state["res"] = [_vary(jnp.zeros((phases, slots, *a.shape), a.dtype), tuple(a.manual_axis_type.varying))
+                  for a in layout.stored]
 
   def chunk(phase):
     return jax.tree.map(lambda a: a[phase], params)
@@ -141,11 +153,16 @@ def pipeline_step(plan: Plan, stage_fn: Callable, loss_fn: Callable, params, inp
 
     def with_loss(state):
       if loss_params is None:
-        loss, dy = jax.value_and_grad(loss_fn)(y, label)
+        value, dy = jax.value_and_grad(loss_fn, has_aux=has_aux)(y, label)
       else:
-        loss, (d_loss_params, dy) = jax.value_and_grad(loss_fn, argnums=(0, 1))(loss_params, y, label)
+        value, (d_loss_params, dy) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=has_aux)(
+            loss_params, y, label)
         state = dict(state, loss_grads=jax.tree.map(lambda g, d: g + d.astype(g.dtype), state["loss_grads"],
                                                     d_loss_params))
+      loss, aux = value if has_aux else (value, None)
+      if has_aux:
+        state = dict(state, aux=jax.tree.map(lambda buf, a: buf.at[s["micro_batch"]].set(a.astype(buf.dtype)),
+                                             state["aux"], aux))
       return dict(state, losses=state["losses"].at[s["micro_batch"]].set(loss.astype(jnp.float32)),
                   g=state["g"].at[s["f_phase"], s["f_slot"]].set(dy.astype(y.dtype)))
     return jax.lax.cond(s["last"], with_loss, lambda state: state, state)
@@ -193,7 +210,8 @@ def pipeline_step(plan: Plan, stage_fn: Callable, loss_fn: Callable, params, inp
   losses = jax.lax.psum(state["losses"], axis_name)
   input_grads = jax.lax.psum(state["input_grads"], axis_name)
   loss_grads = None if loss_params is None else jax.lax.psum(state["loss_grads"], axis_name)
-  return StepOutput(losses, state["grads"], loss_grads, input_grads)
+  aux = jax.tree.map(lambda a: jax.lax.psum(a, axis_name), state["aux"]) if has_aux else None
+  return StepOutput(losses, state["grads"], loss_grads, input_grads, aux)
 
 
 class _Layout:

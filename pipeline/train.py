@@ -4,7 +4,8 @@
       --checkpoint_dir=/tmp/run --checkpoint_every=50
 
 Text comes from `--data` (files or globs; default: the Python standard library's sources,
-offline everywhere), byte-tokenized. It prints loss and tokens/s with a progress bar, writes
+offline everywhere), byte-tokenized. It prints the next-token loss and tokens/s with a progress bar (and, with `--metrics_file`,
+a JSON line per step with the MTP losses, gradient norm and learning rate), writes
 the model's safetensors checkpoint (plus optimizer state) every `--checkpoint_every` steps and
 at the end, and `--resume` continues from the latest one in `--checkpoint_dir`. Unknown flags
 and settings that cannot work together are usage errors. On CPU hosts it runs on as many
@@ -16,6 +17,7 @@ runs the same command (collectives over gloo on CPU, NCCL on GPU).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -34,6 +36,9 @@ flags.DEFINE_float("lr", 3e-3, "peak learning rate")
 flags.DEFINE_integer("warmup_steps", 20, "linear warm-up steps")
 flags.DEFINE_float("min_lr_ratio", 0.1, "final learning rate / peak (cosine decay)")
 flags.DEFINE_float("weight_decay", 0.1, "AdamW weight decay")
+flags.DEFINE_float("clip_norm", 1.0, "clip gradients to this global norm (0: no clipping)")
+flags.DEFINE_float("mtp_weight", 0.3, "weight of the multi-token-prediction loss (0: MTP modules untrained)")
+flags.DEFINE_bool("fp8", False, "attention and dense-MLP projections compute in FP8 (DeepSeek-V3's recipe)")
 flags.DEFINE_integer("seed", 0, "initialization and data order")
 flags.DEFINE_list("data", [], "text files or globs (default: the Python standard library's .py files)")
 flags.DEFINE_integer("max_corpus_mb", 64, "read at most this much text")
@@ -41,6 +46,7 @@ flags.DEFINE_string("checkpoint_dir", None, "where checkpoints go (step_NNNNNNNN
 flags.DEFINE_integer("checkpoint_every", 0, "steps between checkpoints (0: only at the end)")
 flags.DEFINE_bool("resume", False, "continue from the latest checkpoint in --checkpoint_dir")
 flags.DEFINE_integer("log_every", 10, "steps between log lines")
+flags.DEFINE_string("metrics_file", None, "append one JSON line per step (loss parts, grad norm, lr, tokens/s)")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for several processes")
 flags.DEFINE_integer("num_processes", 1, "processes in the job")
 flags.DEFINE_integer("process_id", 0, "this process's index")
@@ -77,7 +83,8 @@ def main(argv):
   config = TrainConfig(preset=FLAGS.preset, pp=FLAGS.pp, ep=FLAGS.ep, schedule=FLAGS.schedule, chunks=FLAGS.chunks,
                        micro_batch=FLAGS.micro_batch, seq_len=FLAGS.seq_len, steps=FLAGS.steps, lr=FLAGS.lr,
                        warmup_steps=FLAGS.warmup_steps, min_lr_ratio=FLAGS.min_lr_ratio,
-                       weight_decay=FLAGS.weight_decay, seed=FLAGS.seed)
+                       weight_decay=FLAGS.weight_decay, clip_norm=FLAGS.clip_norm, mtp_weight=FLAGS.mtp_weight,
+                       fp8=FLAGS.fp8, seed=FLAGS.seed)
   try:
     trainer = Trainer(config)
     corpus = TokenCorpus(FLAGS.data or None, max_bytes=FLAGS.max_corpus_mb << 20)
@@ -92,24 +99,33 @@ def main(argv):
                  tokens_per_step, start)
   bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not main_process,
              file=sys.stdout, dynamic_ncols=True)
+  metrics_file = open(FLAGS.metrics_file, "a") if FLAGS.metrics_file and main_process else None
   last, timed_tokens, timed_seconds = None, 0, 0.0
   for step in bar:
     windows = corpus.batch(step, config.chunks * config.micro_batch, config.seq_len, seed=config.seed)
     begin = time.perf_counter()
-    last = trainer.step(windows)
+    metrics = trainer.step(windows)
+    last = metrics["main"]
     if step > start:  # the first step compiles
       timed_tokens += tokens_per_step
       timed_seconds += time.perf_counter() - begin
     rate = timed_tokens / timed_seconds if timed_seconds else 0.0
     bar.set_postfix(loss=f"{last:.4f}", tok_s=f"{rate:,.0f}")
+    if metrics_file:
+      metrics_file.write(json.dumps({"step": step + 1, **metrics, "tokens_per_s": rate}) + "\n")
+      metrics_file.flush()
     if main_process and (step + 1) % FLAGS.log_every == 0:
-      logging.info("step %d loss %.4f tokens/s %.0f", step + 1, last, rate)
+      mtp = " ".join(f"{v:.4f}" for v in metrics["mtp"])
+      logging.info("step %d loss %.4f mtp [%s] grad_norm %.3f lr %.2e tokens/s %.0f", step + 1, last, mtp,
+                   metrics["grad_norm"], metrics["lr"], rate)
     if FLAGS.checkpoint_every and (step + 1) % FLAGS.checkpoint_every == 0 and step + 1 < config.steps:
       trainer.save(FLAGS.checkpoint_dir)
   if FLAGS.checkpoint_dir and config.steps > start:
     path = trainer.save(FLAGS.checkpoint_dir)
     if main_process:
       print(f"checkpoint: {path}")
+  if metrics_file:
+    metrics_file.close()
   if main_process and last is not None:
     print(f"final loss {last:.4f}")
 

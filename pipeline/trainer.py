@@ -2,10 +2,12 @@
 
 The step is one `jax.shard_map` over the mesh. Every rank embeds its share of the batch (the
 batch is split over `ep`), runs the pipeline (`pipeline_step`; stages are MoE layers whose
-experts are split over `ep`), takes the embedding's gradient from the pipeline's input
-gradients, and applies AdamW with warmup and cosine decay (optax) to its own parameters.
-DualPipe holds every stage twice (once per direction): the two copies' gradients are summed,
-so both take the same update.
+experts are split over `ep`; the output head and the MTP modules run in the loss), takes the
+embedding's gradient from the pipeline's input gradients (plus MTP's use of it), clips the
+gradients by their global norm (summed over the ranks that hold distinct parameters), and
+applies AdamW with warmup and cosine decay (optax) to its own parameters. Norm weights and the
+router's bias are not decayed. DualPipe holds every stage twice (once per direction): the two
+copies' gradients are summed, so both take the same update.
 
 Checkpoints are the model's own safetensors format (`model.save_pretrained`) in
 `{dir}/step_{n:08d}/`, with the optimizer state (`optimizer.safetensors`) and
@@ -29,6 +31,8 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import model as model_lib
+from model.layers.linear import use_fp8_training
+from model.tokenizer import ByteTokenizer
 from model.weight_writer import host_value
 from pipeline import schedules
 from pipeline.executor import layout_params, pipeline_step
@@ -53,6 +57,9 @@ class TrainConfig:
   warmup_steps: int = 20
   min_lr_ratio: float = 0.1
   weight_decay: float = 0.1
+  clip_norm: float = 1.0  # global gradient norm limit; 0 turns clipping off
+  mtp_weight: float = 0.3  # DeepSeek-V3's MTP lambda; 0 leaves the MTP modules untrained
+  fp8: bool = False  # attention and dense-MLP projections compute in FP8 (`model.layers.linear.use_fp8_training`)
   seed: int = 0
 
   def check(self) -> None:
@@ -74,12 +81,26 @@ class TrainConfig:
       raise ValueError(f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
     if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.weight_decay < 0:
       raise ValueError("lr must be > 0, min_lr_ratio in [0, 1] and weight_decay >= 0")
+    for name in ("clip_norm", "mtp_weight"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+def learning_rate(config: TrainConfig) -> optax.Schedule:
+  # Warm-up starts above zero so that the first step is not wasted.
+  return optax.warmup_cosine_decay_schedule(config.lr / (config.warmup_steps + 1), config.lr, config.warmup_steps,
+                                            config.steps,
+                                            end_value=config.lr * config.min_lr_ratio)
+
+
+def _decayed(params):
+  """Weight decay applies to matrices (kernels, experts, embeddings, the router), not to norm weights or the router's bias."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) not in ("weight", "bias"),
+                                          params)
 
 
 def optimizer(config: TrainConfig) -> optax.GradientTransformation:
-  lr = optax.warmup_cosine_decay_schedule(0.0, config.lr, config.warmup_steps, config.steps,
-                                          end_value=config.lr * config.min_lr_ratio)
-  return optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=config.weight_decay)
+  return optax.adamw(learning_rate(config), b1=0.9, b2=0.95, weight_decay=config.weight_decay, mask=_decayed)
 
 
 class Trainer:
@@ -92,7 +113,10 @@ class Trainer:
     self.plan = make_plan(self.schedule)
     self.num_stages = len(self.schedule.directions[0])
     self.model = model or model_lib.DeepseekV3(model_lib.PRESETS[config.preset], rngs=nnx.Rngs(config.seed))
-    self.partition = Partition(self.model, self.num_stages, ep_axis="ep" if config.ep > 1 else None)
+    if config.fp8:
+      use_fp8_training(self.model)  # before the partition takes the layers' structure
+    self.partition = Partition(self.model, self.num_stages, ep_axis="ep" if config.ep > 1 else None,
+                               mtp=config.mtp_weight > 0)
     if config.ep > 1 and self.model.config.n_routed_experts % config.ep:
       raise ValueError(f"{self.model.config.n_routed_experts} experts do not split over ep={config.ep}")
     devices = jax.devices()[:config.pp * config.ep] if jax.process_count() == 1 else jax.devices()
@@ -112,10 +136,10 @@ class Trainer:
   def _specs(self, params):
     def spec(path, leaf):
       names = [getattr(k, "key", None) for k in path]
-      if names[0] == "stages":
-        expert = names[-1] in ("w_gate", "w_up", "w_down") and self.config.ep > 1
+      expert = names[-1] in ("w_gate", "w_up", "w_down") and self.config.ep > 1
+      if names[0] == "stages":  # [pp, phases, layers_per_stage, E, ...]
         return P("pp", None, None, "ep") if expert else P("pp")
-      return P()
+      return P("ep") if expert else P()  # the MTP modules' experts: [E, ...]
     return jax.tree_util.tree_map_with_path(spec, params)
 
   def _place(self, pre, stages, post) -> None:
@@ -126,42 +150,62 @@ class Trainer:
 
   def _build_step(self):
     config, plan, part = self.config, self.plan, self.partition
-    num_tokens = config.chunks * config.micro_batch * config.seq_len
     mirrored = config.schedule == "dualpipe"
-    opt_specs = self.opt_specs
+    param_specs, opt_specs = self.param_specs, self.opt_specs
+    loss_fn = functools.partial(part.loss_fn, batch=(config.chunks * config.micro_batch, config.seq_len),
+                                mtp_weight=config.mtp_weight)
 
     def local(params, opt_state, windows):
-      tokens, targets = windows[..., :-1], windows[..., 1:]  # [chunks, micro_batch / ep, seq]
+      tokens = windows[..., :-1]  # windows: [chunks, micro_batch / ep, seq + 1]
       hidden, pre_vjp = jax.vjp(lambda pre: jax.vmap(lambda t: part.pre_fn(pre, t))(tokens), params["pre"])
       chunks = jax.tree.map(lambda a: a[0], params["stages"])
-      out = pipeline_step(plan, part.stage_fn, functools.partial(part.loss_fn, num_tokens=num_tokens), chunks,
-                          hidden, targets, loss_params=params["post"], axis_name="pp")
+      loss_params = dict(params["post"], embed=params["pre"]["embed"])  # MTP embeds the next tokens
+      out = pipeline_step(plan, part.stage_fn, loss_fn, chunks, hidden, windows, loss_params=loss_params,
+                          has_aux=True, axis_name="pp")
       (pre_grads,) = pre_vjp(out.input_grads)
+      post_grads = dict(out.loss_param_grads)
+      pre_grads = dict(pre_grads, embed=jax.tree.map(jnp.add, pre_grads["embed"], post_grads.pop("embed")))
       stage_grads = out.grads
       if mirrored:  # rank r's chunk 0 is the stage rank P-1-r holds as chunk 1: sum the copies
         perm = [(r, config.pp - 1 - r) for r in range(config.pp)]
         stage_grads = jax.tree.map(lambda g: g + jax.lax.ppermute(g[::-1], "pp", perm), stage_grads)
-      grads = {"pre": pre_grads, "stages": jax.tree.map(lambda g: g[None], stage_grads),
-               "post": out.loss_param_grads}
+      grads = {"pre": pre_grads, "stages": jax.tree.map(lambda g: g[None], stage_grads), "post": post_grads}
+      norm = _global_norm(grads, param_specs, copies={"stages": 2 if mirrored else 1})
+      if config.clip_norm:
+        scale = config.clip_norm / jnp.maximum(norm, config.clip_norm)
+        grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
       updates, opt_state = self.tx.update(grads, opt_state, params)
-      loss = jax.lax.psum(out.losses.sum(), "ep")
-      return optax.apply_updates(params, updates), opt_state, loss
+      shares = jax.lax.psum((out.losses.sum(), out.aux["main"].sum(), out.aux["mtp"].sum(0)), "ep")
+      metrics = dict(zip(("loss", "main", "mtp"), shares), grad_norm=norm)
+      return optax.apply_updates(params, updates), opt_state, metrics
 
     windows_spec = P(None, "ep")  # also with ep = 1: the batch's types then vary over ep like the pipeline's buffers
-    mapped = jax.shard_map(local, mesh=self.mesh, in_specs=(self.param_specs, opt_specs, windows_spec),
-                           out_specs=(self.param_specs, opt_specs, P()))
+    mapped = jax.shard_map(local, mesh=self.mesh, in_specs=(param_specs, opt_specs, windows_spec),
+                           out_specs=(param_specs, opt_specs, P()))
     return jax.jit(mapped, donate_argnums=(0, 1)), windows_spec
 
-  def step(self, windows: np.ndarray) -> float:
-    """One optimizer step on `[chunks * micro_batch, seq_len + 1]` token windows; returns the mean loss."""
+  def step(self, windows: np.ndarray) -> dict:
+    """One optimizer step on `[chunks * micro_batch, seq_len + 1]` token windows.
+
+    Returns host floats: `loss` (main + mtp_weight * mean MTP), `main` (next-token cross
+    entropy), `mtp` (a list, per MTP depth; empty without MTP), `grad_norm` (before clipping)
+    and `lr` (the learning rate this step used).
+    """
     c = self.config
-    windows = np.asarray(windows, np.int32).reshape(c.chunks, c.micro_batch, c.seq_len + 1)
+    windows = np.asarray(windows, np.int32)
+    if windows.shape != (c.chunks * c.micro_batch, c.seq_len + 1):
+      raise ValueError(f"windows must be [chunks * micro_batch, seq_len + 1] = "
+                       f"{[c.chunks * c.micro_batch, c.seq_len + 1]}, got {list(windows.shape)}")
+    windows = windows.reshape(c.chunks, c.micro_batch, c.seq_len + 1)
     if self._step is None:
       self._step, self._windows_spec = self._build_step()
     placed = jax.device_put(windows, NamedSharding(self.mesh, self._windows_spec))
-    self.params, self.opt_state, loss = self._step(self.params, self.opt_state, placed)
+    lr = float(learning_rate(c)(self.step_count))
+    self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, placed)
     self.step_count += 1
-    return float(loss)
+    metrics = jax.device_get(metrics)
+    return {"loss": float(metrics["loss"]), "main": float(metrics["main"]),
+            "mtp": [float(v) for v in metrics["mtp"]], "grad_norm": float(metrics["grad_norm"]), "lr": lr}
 
   def model_with_params(self) -> model_lib.DeepseekV3:
     """The model with the trained parameters (gathered to the host)."""
@@ -178,6 +222,7 @@ class Trainer:
     host = [np.ascontiguousarray(host_value(leaf)) for leaf in leaves]
     if jax.process_index() == 0:
       safetensors.numpy.save_file({f"{i:05d}": a for i, a in enumerate(host)}, os.path.join(path, OPTIMIZER))
+      ByteTokenizer().save_pretrained(path)  # the corpus is byte-tokenized: serving reads this
       with open(os.path.join(path, STATE), "w") as f:
         json.dump({"step": self.step_count, "config": dataclasses.asdict(self.config)}, f, indent=2)
     return path
@@ -219,3 +264,20 @@ def _stage_params(plan, rank_params, num_stages: int):
     for s, (r, phase) in enumerate(stages):
       owner.setdefault(s, (r, phase))
   return jax.tree.map(lambda a: np.stack([a[owner[s][0], owner[s][1]] for s in range(num_stages)]), rank_params)
+
+
+def _global_norm(grads, specs, *, copies: dict[str, int]) -> jax.Array:
+  """The L2 norm of every distinct parameter's gradient (inside shard_map): squares summed over the mesh axes each is sharded on.
+
+  `copies[part]` counts how many ranks hold each of that part's parameters along a sharded axis
+  (DualPipe's two copies of a stage), so they are counted once.
+  """
+  total = jnp.float32(0)
+  for part, part_grads in grads.items():
+    part_total = jnp.float32(0)
+    for g, spec in zip(jax.tree.leaves(part_grads), jax.tree.leaves(specs[part], is_leaf=lambda x: isinstance(x, P))):
+      axes = tuple(a for entry in spec if entry is not None for a in (entry if isinstance(entry, tuple) else (entry,)))
+      square = jnp.sum(jnp.square(g.astype(jnp.float32)))
+      part_total = part_total + (jax.lax.psum(square, axes) if axes else square)
+    total = total + part_total / copies.get(part, 1)
+  return jnp.sqrt(total)

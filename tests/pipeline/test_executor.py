@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -143,7 +145,8 @@ def test_decoder_layer_stages_on_a_pp_by_ep_mesh():
                                            rank_params)
 
   def step(params, inputs, labels):
-    losses, grads, _, _ = pipeline_step(plan, stage, loss, jax.tree.map(lambda a: a[0], params), inputs, labels)
+    out = pipeline_step(plan, stage, loss, jax.tree.map(lambda a: a[0], params), inputs, labels)
+    losses, grads = out.losses, out.grads
     # Expert gradients come back to their rank through combine's VJP; the replicated parameters'
     # are summed over ep by the VJP of their broadcast.
     return jax.lax.psum(losses, "ep"), jax.tree.map(lambda g: g[None], grads)
@@ -154,9 +157,21 @@ def test_decoder_layer_stages_on_a_pp_by_ep_mesh():
   losses, grads = call(jax.tree.map(put, rank_params, specs), put(inputs, P(None, "ep")), put(labels, P(None, "ep")))
   grads = collect_grads(plan, grads, pp)
   np.testing.assert_allclose(np.asarray(losses), want_losses, rtol=1e-6)
-  # f32 sums over tokens split four ways, then psum'd: measured up to 2.2e-6 of each gradient's scale.
-  for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(want_grads)):
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max() + 1e-30, err_msg=str(path))
+
+  # The f32 floor: the same one-device gradient summed in another order (each micro-batch's ep
+  # quarters apart, as the ranks see them) differs from the reference by ~1e-6 of its norm on
+  # these layers (measured 0.2-1.2e-6 per tensor). The pipeline's must be as close (measured
+  # 0.2-1.3e-6): within twice the floor plus 2e-7.
+  one = jax.jit(jax.grad(lambda p, x, l: loss(functools.reduce(
+      lambda h, s: stage(jax.tree.map(lambda a: a[s], p), h, None), range(pp), x), l)))
+  n = inputs.shape[1] // ep
+  quarters = [one(stage_params, inputs[m, q * n:(q + 1) * n], labels[m, q * n:(q + 1) * n])
+              for m in range(chunks) for q in range(ep)]
+  reordered = jax.tree.map(lambda *g: np.sum(np.stack(g), axis=0), *quarters)
+  relative = lambda a, b: np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+  for (path, got), want, again in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(want_grads),
+                                      jax.tree.leaves(reordered)):
+    assert relative(got, want) <= 2 * relative(again, want) + 2e-7, (path, relative(got, want), relative(again, want))
 
 
 @pytest.mark.parametrize("name, ranks, chunks, num_stages", [("dualpipe", 4, 8, 4), ("dualpipev", 2, 4, 4)])
