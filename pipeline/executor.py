@@ -24,10 +24,11 @@ stay on the rank where a V turns. Stages may use collectives on other mesh axes 
 `pp x ep` mesh): every rank of one pipeline stage takes the same branch.
 
 Known costs (correct, not yet efficient; see the pipeline issue's notes):
-- buffers hold every micro-batch of a chunk, not only those in flight (GPipe's activation
-  memory, not DualPipe's PP+1), and a VJP residual is recognised as a parameter only when it
-  is the parameter itself, so a stage that casts or transposes its weights stores those copies
-  per micro-batch;
+- buffers hold the micro-batches in flight on a rank (`plan.slots`: DualPipe on 8 ranks holds
+  10 whatever the chunk count, one more than the simulated peak because an arriving activation
+  takes its slot before its forward), but a VJP residual is recognised as a parameter only
+  when it is the parameter itself, so a stage that casts or transposes its weights stores those
+  copies per micro-batch in flight;
 - `W` runs the stage's VJP again and keeps the weight half, so `Bzb + W` costs more than `B`;
 - ticks run in lockstep, and a tick's sends are read by the next tick, so transfers do not
   overlap compute; every tick is unrolled at trace time, so compile time grows with ticks.
@@ -104,11 +105,11 @@ def pipeline_step(plan: Plan, stage_fn: Callable, loss_fn: Callable, params, inp
     loss_args = (y_aval, label_aval) if loss_params is None else (loss_params, y_aval, label_aval)
     _, aux_avals = jax.eval_shape(loss_fn, *loss_args)
   rank = jax.lax.axis_index(axis_name)
-  phases, slots = plan.num_phases, plan.slots
+  slots = plan.slots
 
   state = {
-      "x": jnp.zeros((phases, slots, *x_aval.shape), x_aval.dtype),  # received activations
-      "g": jnp.zeros((phases, slots, *x_aval.shape), x_aval.dtype),  # output gradients
+      "x": jnp.zeros((slots, *x_aval.shape), x_aval.dtype),  # received activations
+      "g": jnp.zeros((slots, *x_aval.shape), x_aval.dtype),  # output gradients
       "grads": jax.tree.map(jnp.zeros_like, params),
       "losses": jnp.zeros((schedule.num_chunks,), jnp.float32),
       "aux": jax.tree.map(lambda a: jnp.zeros((schedule.num_chunks, *a.shape), a.dtype), aux_avals),
@@ -130,10 +131,10 @@ def pipeline_step(plan: Plan, stage_fn: Callable, loss_fn: Callable, params, inp
     loss_params = jax.tree.map(lambda a: _vary(a, (axis_name,)), loss_params)
     state["loss_grads"] = jax.tree.map(jnp.zeros_like, loss_params)
   # The residuals' layout, traced with the types the ticks will see (mesh axes included).
-  layout = _residual_layout(stage_fn, jax.tree.map(lambda a: a[0], params), state["x"][0, 0])
+  layout = _residual_layout(stage_fn, jax.tree.map(lambda a: a[0], params), state["x"][0])
   # Each residual buffer keeps its residual's own type: a custom VJP may keep a slice of a
   # parameter replicated over `ep`, say, and its backward expects that type back.
-  state["res"] = [_vary(jnp.zeros((phases, slots, *a.shape), a.dtype), tuple(a.manual_axis_type.varying))
+  state["res"] = [_vary(jnp.zeros((slots, *a.shape), a.dtype), tuple(a.manual_axis_type.varying))
                   for a in layout.stored]
 
   def chunk(phase):
@@ -141,14 +142,14 @@ def pipeline_step(plan: Plan, stage_fn: Callable, loss_fn: Callable, params, inp
 
   def forward(state, s):
     p = chunk(s["f_phase"])
-    x = jnp.where(s["first"], inputs[s["micro_batch"]], state["x"][s["f_phase"], s["f_slot"]])
+    x = jnp.where(s["first"], inputs[s["micro_batch"]], state["x"][s["f_slot"]])
     y, vjp = jax.vjp(stage_fn, p, x)
     leaves, layout.treedef = jax.tree.flatten(vjp)  # this trace's types (mesh axes included), for the backwards
     if len(leaves) != len(layout.param_index):
       raise ValueError("stage_fn's VJP changed shape between traces; it must be a pure function of (params, x)")
     stored = [leaf for leaf, index in zip(leaves, layout.param_index) if index < 0]
     state = dict(state, act=y)
-    state["res"] = [buf.at[s["f_phase"], s["f_slot"]].set(leaf) for buf, leaf in zip(state["res"], stored)]
+    state["res"] = [buf.at[s["f_slot"]].set(leaf) for buf, leaf in zip(state["res"], stored)]
     label = jax.tree.map(lambda a: a[s["micro_batch"]], labels)
 
     def with_loss(state):
@@ -164,15 +165,15 @@ def pipeline_step(plan: Plan, stage_fn: Callable, loss_fn: Callable, params, inp
         state = dict(state, aux=jax.tree.map(lambda buf, a: buf.at[s["micro_batch"]].set(a.astype(buf.dtype)),
                                              state["aux"], aux))
       return dict(state, losses=state["losses"].at[s["micro_batch"]].set(loss.astype(jnp.float32)),
-                  g=state["g"].at[s["f_phase"], s["f_slot"]].set(dy.astype(y.dtype)))
+                  g=state["g"].at[s["f_slot"]].set(dy.astype(y.dtype)))
     return jax.lax.cond(s["last"], with_loss, lambda state: state, state)
 
   def vjp_of(state, phase, slot):
     p = chunk(phase)
     p_leaves = jax.tree.leaves(p)
-    stored = iter(buf[phase, slot] for buf in state["res"])
+    stored = iter(buf[slot] for buf in state["res"])
     leaves = [p_leaves[index] if index >= 0 else next(stored) for index in layout.param_index]
-    return jax.tree.unflatten(layout.treedef, leaves), state["g"][phase, slot]
+    return jax.tree.unflatten(layout.treedef, leaves), state["g"][slot]
 
   def backward(state, s, *, inputs_grad=True, weights=True):
     vjp, dy = vjp_of(state, s["b_phase"], s["b_slot"])
@@ -260,11 +261,10 @@ def _exchange(state, transfers, rank, num_ranks: int, axis_name: str):
       payload = jax.lax.ppermute(payload, axis_name, perm=[(tr.src, tr.dst) for tr in group])
     receives = {tr.dst: tr for tr in group}
     valid = _table([r in receives for r in range(num_ranks)], rank)
-    phase = _table([receives[r].dst_phase if r in receives else 0 for r in range(num_ranks)], rank)
     slot = _table([receives[r].slot if r in receives else 0 for r in range(num_ranks)], rank)
     key = "g" if gradient else "x"
-    old = state[key][phase, slot]
-    state = dict(state, **{key: state[key].at[phase, slot].set(jnp.where(valid, payload, old))})
+    old = state[key][slot]
+    state = dict(state, **{key: state[key].at[slot].set(jnp.where(valid, payload, old))})
   return state
 
 

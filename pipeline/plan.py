@@ -7,8 +7,12 @@ receivers' buffers for a later tick. A tick is assigned to each op as early as i
 its inputs allow: one after the rank's previous op, and one after the op that produced its
 input. Everything here is static Python, fixed at trace time.
 
-Buffers are indexed by `slot`: a micro-batch's position in its direction (the k-th micro-batch
-through a chunk is slot k on every stage of that direction).
+Buffers are indexed by `slot`. Each rank reuses its slots, for both its chunks: a micro-batch holds one
+from the tick its activation arrives (or, on a first stage, its forward) to the tick of its
+last use (its backward, or its deferred `W`), and slots are handed out greedily in tick order,
+so the buffers hold as many micro-batches as are in flight at once (DualPipe's point), not
+all of them. A slot freed at tick t is taken again only by a micro-batch first written after
+t, so a tick's forward and backward (an `F&B` step) never share one.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ class Transfer:
 class Plan:
   schedule: Schedule
   num_phases: int  # local chunks per rank (1 or 2)
-  slots: int  # micro-batches per chunk (buffer depth)
+  slots: int  # buffer depth: the most micro-batches one rank holds at once (over its chunks)
   ticks: tuple[tuple[Step, ...], ...]  # [tick][rank]
   transfers: tuple[tuple[Transfer, ...], ...]  # [tick]: sent at the end of that tick
   last_stage: tuple[tuple[int, int], ...]  # per direction: (rank, phase) of its last stage
@@ -61,8 +65,6 @@ def make_plan(schedule: Schedule) -> Plan:
   for d, stages in enumerate(schedule.directions):
     for s, rank_phase in enumerate(stages):
       where[rank_phase] = (d, s)
-  counts = {len(batches) for batches in schedule.micro_batches}
-  slots = max(counts)
   num_phases = 1 + max(phase for _, phase in where)
   num_ranks = schedule.num_ranks
   forward_tick: dict[tuple[int, int, int], int] = {}  # (direction, stage, slot) -> tick
@@ -70,6 +72,7 @@ def make_plan(schedule: Schedule) -> Plan:
   next_f = {key: 0 for key in where}
   next_b = {key: 0 for key in where}
   deferred = [[] for _ in range(num_ranks)]
+  weight_tick: dict[tuple[int, int, int], int] = {}  # (rank, phase, k) -> tick of its deferred W
   placed: dict[tuple[int, int], Step] = {}  # (tick, rank) -> step
   sends: dict[int, list[Transfer]] = {}
   last_tick = [-1] * num_ranks
@@ -130,13 +133,44 @@ def make_plan(schedule: Schedule) -> Plan:
         if op.weight:
           phase, k = deferred[r].pop(0)
           fields.update(b_phase=phase, b_slot=k)
+          weight_tick[(r, phase, k)] = tick
         kind = "W" if op.weight else "FB" if op.overlapped else "F" if op.forward is not None else "B"
         placed[(tick, r)] = Step(kind, **fields)
         last_tick[r] = tick
         position[r] += 1
         remaining -= 1
+  # Liveness of micro-batch k's buffers on (rank, phase), then greedy slots per rank in order of first write.
+  lifetimes = {}
+  for d, stages in enumerate(schedule.directions):
+    for s, (r, phase) in enumerate(stages):
+      for k in range(len(schedule.micro_batches[d])):
+        first = forward_tick[(d, s - 1, k)] if s > 0 else forward_tick[(d, s, k)]
+        last = weight_tick.get((r, phase, k), backward_tick[(d, s, k)])
+        lifetimes[(r, phase, k)] = (first, last)
+  slot_of, depth = {}, 1
+  for r in range(num_ranks):
+    free_at: list[int] = []  # per slot: the last tick it is read
+    for key in sorted((key for key in lifetimes if key[0] == r), key=lambda key: lifetimes[key]):
+      first, last = lifetimes[key]
+      slot = next((i for i, busy_until in enumerate(free_at) if busy_until < first), len(free_at))
+      if slot == len(free_at):
+        free_at.append(last)
+      free_at[slot] = last
+      slot_of[key] = slot
+    depth = max(depth, len(free_at))
+
+  def relabel(step: Step, r: int) -> Step:
+    changes = {}
+    if step.f_slot >= 0:
+      changes["f_slot"] = slot_of[(r, step.f_phase, step.f_slot)]
+    if step.b_slot >= 0:
+      changes["b_slot"] = slot_of[(r, step.b_phase, step.b_slot)]
+    return dataclasses.replace(step, **changes)
+
   num_ticks = 1 + max(tick for tick, _ in placed)
-  ticks = tuple(tuple(placed.get((t, r), Step("idle")) for r in range(num_ranks)) for t in range(num_ticks))
-  transfers = tuple(tuple(sends.get(t, ())) for t in range(num_ticks))
+  ticks = tuple(tuple(relabel(placed[(t, r)], r) if (t, r) in placed else Step("idle") for r in range(num_ranks))
+                for t in range(num_ticks))
+  transfers = tuple(tuple(dataclasses.replace(tr, slot=slot_of[(tr.dst, tr.dst_phase, tr.slot)])
+                          for tr in sends.get(t, ())) for t in range(num_ticks))
   last_stage = tuple(stages[-1] for stages in schedule.directions)
-  return Plan(schedule, num_phases, slots, ticks, transfers, last_stage)
+  return Plan(schedule, num_phases, depth, ticks, transfers, last_stage)

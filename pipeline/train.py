@@ -99,7 +99,10 @@ def main(argv):
                  tokens_per_step, start)
   bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not main_process,
              file=sys.stdout, dynamic_ncols=True)
-  metrics_file = open(FLAGS.metrics_file, "a") if FLAGS.metrics_file and main_process else None
+  metrics_file = None
+  if FLAGS.metrics_file and main_process:
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.metrics_file)), exist_ok=True)
+    metrics_file = open(FLAGS.metrics_file, "a")
   last, timed_tokens, timed_seconds = None, 0, 0.0
   for step in bar:
     windows = corpus.batch(step, config.chunks * config.micro_batch, config.seq_len, seed=config.seed)
