@@ -134,7 +134,8 @@ def pipeline_step(plan: Plan, stage_fn: Callable, loss_fn: Callable, params, inp
   layout = _residual_layout(stage_fn, jax.tree.map(lambda a: a[0], params), state["x"][0])
   # Each residual buffer keeps its residual's own type: a custom VJP may keep a slice of a
   # parameter replicated over `ep`, say, and its backward expects that type back.
-  state["res"] = [_vary(jnp.zeros((slots, *a.shape), a.dtype), tuple(a.manual_axis_type.varying))
+  # (Written at a rank-dependent slot, a buffer varies over the pipeline axis in any case.)
+  state["res"] = [_vary(jnp.zeros((slots, *a.shape), a.dtype), (*a.manual_axis_type.varying, axis_name))
                   for a in layout.stored]
 
   def chunk(phase):

@@ -11,8 +11,9 @@ Buffers are indexed by `slot`. Each rank reuses its slots, for both its chunks: 
 from the tick its activation arrives (or, on a first stage, its forward) to the tick of its
 last use (its backward, or its deferred `W`), and slots are handed out greedily in tick order,
 so the buffers hold as many micro-batches as are in flight at once (DualPipe's point), not
-all of them. A slot freed at tick t is taken again only by a micro-batch first written after
-t, so a tick's forward and backward (an `F&B` step) never share one.
+all of them. A slot last read at tick t is taken again by an activation arriving at the end
+of t (after t's reads), or by a first stage's forward from t + 1, so a tick's forward and
+backward (an `F&B` step) never share one.
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ def make_plan(schedule: Schedule) -> Plan:
       where[rank_phase] = (d, s)
   num_phases = 1 + max(phase for _, phase in where)
   num_ranks = schedule.num_ranks
-  forward_tick: dict[tuple[int, int, int], int] = {}  # (direction, stage, slot) -> tick
+  # Keyed by (direction, stage, k), k a micro-batch's index within its direction; `Step` and
+  # `Transfer` carry k as their slot until the relabelling below turns it into a pool slot.
+  forward_tick: dict[tuple[int, int, int], int] = {}  # -> tick
   backward_tick: dict[tuple[int, int, int], int] = {}
   next_f = {key: 0 for key in where}
   next_b = {key: 0 for key in where}
@@ -144,15 +147,19 @@ def make_plan(schedule: Schedule) -> Plan:
   for d, stages in enumerate(schedule.directions):
     for s, (r, phase) in enumerate(stages):
       for k in range(len(schedule.micro_batches[d])):
-        first = forward_tick[(d, s - 1, k)] if s > 0 else forward_tick[(d, s, k)]
+        # After a first stage, the activation lands at the end of the sender's tick, after that
+        # tick's reads; a first stage's forward writes its residuals during its tick.
+        arrives = s > 0
+        first = forward_tick[(d, s - 1, k)] if arrives else forward_tick[(d, s, k)]
         last = weight_tick.get((r, phase, k), backward_tick[(d, s, k)])
-        lifetimes[(r, phase, k)] = (first, last)
+        lifetimes[(r, phase, k)] = (first, not arrives, last)
   slot_of, depth = {}, 1
   for r in range(num_ranks):
     free_at: list[int] = []  # per slot: the last tick it is read
     for key in sorted((key for key in lifetimes if key[0] == r), key=lambda key: lifetimes[key]):
-      first, last = lifetimes[key]
-      slot = next((i for i, busy_until in enumerate(free_at) if busy_until < first), len(free_at))
+      first, during_tick, last = lifetimes[key]
+      # A slot read last at tick t takes an arrival written at the end of t, a forward's write from t + 1.
+      slot = next((i for i, busy_until in enumerate(free_at) if busy_until + during_tick <= first), len(free_at))
       if slot == len(free_at):
         free_at.append(last)
       free_at[slot] = last

@@ -102,6 +102,11 @@ def main(argv):
   metrics_file = None
   if FLAGS.metrics_file and main_process:
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.metrics_file)), exist_ok=True)
+    if start and os.path.exists(FLAGS.metrics_file):  # resumed: the steps after the checkpoint run again
+      with open(FLAGS.metrics_file) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
+      with open(FLAGS.metrics_file, "w") as f:
+        f.writelines(kept)
     metrics_file = open(FLAGS.metrics_file, "a")
   last, timed_tokens, timed_seconds = None, 0, 0.0
   for step in bar:
@@ -119,8 +124,8 @@ def main(argv):
       metrics_file.flush()
     if main_process and (step + 1) % FLAGS.log_every == 0:
       mtp = " ".join(f"{v:.4f}" for v in metrics["mtp"])
-      logging.info("step %d loss %.4f mtp [%s] grad_norm %.3f lr %.2e tokens/s %.0f", step + 1, last, mtp,
-                   metrics["grad_norm"], metrics["lr"], rate)
+      logging.info("step %d main loss %.4f mtp [%s] total %.4f grad_norm %.3f lr %.2e tokens/s %.0f", step + 1,
+                   last, mtp, metrics["loss"], metrics["grad_norm"], metrics["lr"], rate)
     if FLAGS.checkpoint_every and (step + 1) % FLAGS.checkpoint_every == 0 and step + 1 < config.steps:
       trainer.save(FLAGS.checkpoint_dir)
   if FLAGS.checkpoint_dir and config.steps > start:

@@ -77,6 +77,10 @@ class TrainConfig:
     if self.pp * self.ep > jax.device_count():
       raise ValueError(f"pp x ep = {self.pp} x {self.ep} needs {self.pp * self.ep} devices, there are "
                        f"{jax.device_count()}")
+    depths = model_lib.PRESETS[self.preset].num_nextn_predict_layers if self.mtp_weight else 0
+    if self.seq_len <= depths:
+      raise ValueError(f"seq_len={self.seq_len} leaves MTP depth {depths} no position to predict; "
+                       f"use seq_len > {depths} or mtp_weight=0")
     if not 0 <= self.warmup_steps < self.steps:
       raise ValueError(f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
     if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.weight_decay < 0:
@@ -159,12 +163,15 @@ class Trainer:
       tokens = windows[..., :-1]  # windows: [chunks, micro_batch / ep, seq + 1]
       hidden, pre_vjp = jax.vjp(lambda pre: jax.vmap(lambda t: part.pre_fn(pre, t))(tokens), params["pre"])
       chunks = jax.tree.map(lambda a: a[0], params["stages"])
-      loss_params = dict(params["post"], embed=params["pre"]["embed"])  # MTP embeds the next tokens
+      loss_params = params["post"]
+      if part.mtp and config.mtp_weight:  # MTP embeds the next tokens
+        loss_params = dict(loss_params, embed=params["pre"]["embed"])
       out = pipeline_step(plan, part.stage_fn, loss_fn, chunks, hidden, windows, loss_params=loss_params,
                           has_aux=True, axis_name="pp")
       (pre_grads,) = pre_vjp(out.input_grads)
       post_grads = dict(out.loss_param_grads)
-      pre_grads = dict(pre_grads, embed=jax.tree.map(jnp.add, pre_grads["embed"], post_grads.pop("embed")))
+      if "embed" in post_grads:
+        pre_grads = dict(pre_grads, embed=jax.tree.map(jnp.add, pre_grads["embed"], post_grads.pop("embed")))
       stage_grads = out.grads
       if mirrored:  # rank r's chunk 0 is the stage rank P-1-r holds as chunk 1: sum the copies
         perm = [(r, config.pp - 1 - r) for r in range(config.pp)]
@@ -235,6 +242,8 @@ class Trainer:
     with open(os.path.join(latest, STATE)) as f:
       saved = json.load(f)
     loaded = model_lib.from_pretrained(latest, dtype=jnp.float32, mtp=self.model.config.num_nextn_predict_layers > 0)
+    if self.config.fp8:
+      use_fp8_training(loaded)  # like the model it replaces
     self._place(*self.partition.split(loaded))
     self.model = loaded
     arrays = safetensors.numpy.load_file(os.path.join(latest, OPTIMIZER))
@@ -270,14 +279,14 @@ def _global_norm(grads, specs, *, copies: dict[str, int]) -> jax.Array:
   """The L2 norm of every distinct parameter's gradient (inside shard_map): squares summed over the mesh axes each is sharded on.
 
   `copies[part]` counts how many ranks hold each of that part's parameters along a sharded axis
-  (DualPipe's two copies of a stage), so they are counted once.
+  (DualPipe's two copies of a stage), so they are counted once. One psum per set of axes.
   """
-  total = jnp.float32(0)
+  by_axes: dict[tuple[str, ...], jax.Array] = {}
   for part, part_grads in grads.items():
-    part_total = jnp.float32(0)
-    for g, spec in zip(jax.tree.leaves(part_grads), jax.tree.leaves(specs[part], is_leaf=lambda x: isinstance(x, P))):
+    specs_flat = jax.tree.leaves(specs[part], is_leaf=lambda x: isinstance(x, P))
+    for g, spec in zip(jax.tree.leaves(part_grads), specs_flat, strict=True):
       axes = tuple(a for entry in spec if entry is not None for a in (entry if isinstance(entry, tuple) else (entry,)))
-      square = jnp.sum(jnp.square(g.astype(jnp.float32)))
-      part_total = part_total + (jax.lax.psum(square, axes) if axes else square)
-    total = total + part_total / copies.get(part, 1)
+      square = jnp.sum(jnp.square(g.astype(jnp.float32))) / copies.get(part, 1)
+      by_axes[axes] = by_axes.get(axes, jnp.float32(0)) + square
+  total = sum(jax.lax.psum(square, axes) if axes else square for axes, square in by_axes.items())
   return jnp.sqrt(total)

@@ -7,8 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
-run=${RUN_DIR:-/tmp/fireflyer-demo-run}
-rm -rf "$run"
+run=${RUN_DIR:-$(mktemp -d /tmp/fireflyer-demo-run.XXXXXX)}  # the run's checkpoints and metrics.jsonl
 "$python" -m pipeline.train --preset=demo --steps=1200 --warmup_steps=50 --lr=3e-3 --seq_len=128 \
     --micro_batch=8 --chunks=2 --checkpoint_dir="$run" --metrics_file="$run/metrics.jsonl" --log_every=100 "$@"
 "$python" -m model.convert "$(ls -d "$run"/step_* | sort | tail -n 1)" model/demo_checkpoint --dtype=bfloat16 \

@@ -207,3 +207,28 @@ def test_loss_parameters_and_input_gradients(name, ranks, chunks, num_stages):
                               jax.tree.map(lambda a: put(a, P()), head), put(inputs, P()), put(labels, P()))
   np.testing.assert_allclose(got_head["w"], want[0]["w"], rtol=0, atol=1e-6 * np.abs(want[0]["w"]).max())
   np.testing.assert_allclose(got_inputs, want[1], rtol=0, atol=1e-6 * np.abs(want[1]).max())
+
+
+def test_aux_outputs_come_back_per_micro_batch():
+  """`has_aux`: the loss's side outputs (metrics, say) land at their micro-batch's index, on every rank."""
+  ranks, chunks, num_stages = 2, 4, 2
+  stage_params, inputs, labels = _problem(num_stages, chunks, seed=5)
+
+  def loss_with_aux(y, label):
+    return mse(y, label), {"mean": jnp.mean(y), "first": y[0, :2]}
+
+  want = []
+  for m in range(chunks):
+    x = inputs[m]
+    for s in range(num_stages):
+      x = mlp_stage(jax.tree.map(lambda a: a[s], stage_params), x)
+    want.append((jnp.mean(x), x[0, :2]))
+  plan = make_plan(schedules.dualpipe(ranks, chunks))
+  mesh = jax.make_mesh((ranks,), ("pp",), devices=jax.devices()[:ranks])
+  put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+  step = lambda p, x, l: pipeline_step(plan, mlp_stage, loss_with_aux, jax.tree.map(lambda a: a[0], p), x, l,
+                                       has_aux=True).aux
+  aux = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P("pp"), P(), P()), out_specs=P()))(
+      jax.tree.map(lambda a: put(a, P("pp")), layout_params(plan, stage_params)), put(inputs, P()), put(labels, P()))
+  np.testing.assert_allclose(aux["mean"], [w[0] for w in want], rtol=1e-6)
+  np.testing.assert_allclose(aux["first"], np.stack([w[1] for w in want]), rtol=1e-6)

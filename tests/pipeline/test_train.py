@@ -129,11 +129,9 @@ def test_two_processes_equal_one(corpus, tmp_path):
   saved = model.from_pretrained(f"{tmp_path}/run/step_00000002", dtype=np.float32)
   # Adam's normalized steps can turn a near-zero gradient's last-bit difference into a visible
   # difference on that one weight (measured up to 1.4e-5, against steps of lr = 3e-3), so each
-  # tensor is compared as a whole: two steps moved the weights by ~1e-2 of their norm, and
-  # the two runs' weights agree to ~1e-6 of it.
+  # tensor is compared as a whole (measured: within 8.7e-7 of its norm).
   for a, b in zip(jax.tree.leaves(nnx.state(saved)), jax.tree.leaves(nnx.state(trainer.model_with_params()))):
     a, b = np.asarray(a), np.asarray(b)
-    print("REL", np.linalg.norm(a - b) / np.linalg.norm(b))
     assert a.shape == b.shape and np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b)
 
 
