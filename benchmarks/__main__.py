@@ -4,8 +4,9 @@ Suites so far: balancer (CPU, numpy), fp8 (the xla GEMMs against bf16; DeepGEMM'
 GPU, scaled down on CPU) and mla (split-KV decode against the dense oracle; FlashMLA's cases on a
 GPU), ffi (the dispatch custom calls against their jnp references), ep (expert-parallel dispatch
 and combine against an all_gather dispatch, on 8 fake CPU devices), storage (a local
-cluster against local files) and checkpoint (`model.from_pretrained` against reading whole
-shards, each in a fresh process). The Hopper kernels are timed on a lent GPU by
+cluster against local files), checkpoint (`model.from_pretrained` against reading whole
+shards, each in a fresh process) and pipeline (the trainer's step on pp x ep meshes against
+one device without a pipeline). The Hopper kernels are timed on a lent GPU by
 `python -m benchmarks.gpu` (ceilings, GPU tests, then fp8 and mla against their xla paths).
 """
 
@@ -20,11 +21,12 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 from absl import app  # noqa: E402
 
 from benchmarks import (bench_balancer, bench_checkpoint, bench_ep, bench_ffi, bench_fp8, bench_mla,  # noqa: E402
-                        bench_storage)
+                        bench_pipeline, bench_storage)
 from benchmarks.harness import append_results, format_table  # noqa: E402
 
 SUITES = {"balancer": bench_balancer.run, "fp8": bench_fp8.run, "mla": bench_mla.run, "ffi": bench_ffi.run,
-          "ep": bench_ep.run, "storage": bench_storage.run, "checkpoint": bench_checkpoint.run}
+          "ep": bench_ep.run, "storage": bench_storage.run, "checkpoint": bench_checkpoint.run,
+          "pipeline": bench_pipeline.run}
 
 
 def main(argv):

@@ -5,11 +5,13 @@ In one run, within about 8 minutes on an H200:
 2. the GPU tests (`pytest -m gpu`), at real shapes, with a time limit;
 3. each kernel suite against its xla implementation on the same shapes in the same process
    (fp8: DeepGEMM's table with DeepGEMM's accounting; mla: FlashMLA's table with FlashMLA's;
-   ep: DeepEP's shapes and byte accounting over the host's GPUs, against an all_gather dispatch).
+   ep: DeepEP's shapes and byte accounting over the host's GPUs, against an all_gather dispatch;
+   train: the trainer's step on the demo model, float and FP8 projections, on the meshes the
+   host's GPUs allow, against one device without a pipeline).
 It prints one table last and, when `$OUT` is set, writes `gpu_suite.json` there; results are
 also appended under benchmarks/results/ like every benchmark.
 
-  python -m benchmarks.gpu [--suites=fp8,mla,ep] [--tests_timeout_s=240] [--repeats=10] [--skip_tests]
+  python -m benchmarks.gpu [--suites=fp8,mla,ep,train] [--tests_timeout_s=240] [--repeats=10] [--skip_tests]
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from benchmarks import bench_ep, bench_fp8, bench_mla
+from benchmarks import bench_ep, bench_fp8, bench_mla, bench_pipeline
 from benchmarks.harness import append_results, format_table, machine, time_fn
 
 COPY_BYTES = 2 << 30  # large enough that caches do not matter
@@ -83,7 +85,12 @@ def ep_suite(repeats: int) -> list[dict]:
   return bench_ep.run("deepep", repeats)
 
 
-SUITES = {"fp8": fp8_suite, "mla": mla_suite, "ep": ep_suite}
+def train_suite(repeats: int) -> list[dict]:
+  """The demo model's training step at seq_len 512 (cases needing more GPUs than the host has are listed as skipped)."""
+  return bench_pipeline.run(steps=repeats, seq_len=512)
+
+
+SUITES = {"fp8": fp8_suite, "mla": mla_suite, "ep": ep_suite, "train": train_suite}
 
 FLAGS = flags.FLAGS
 

@@ -6,7 +6,7 @@ layer with `expert_parallel`'s MoE), `DeepseekV3` with MTP (logits, the training
 and decode over paged latent caches), and `from_pretrained` / `save_pretrained` for DeepSeek's
 checkpoint format in bf16, f32 or FP8 (`model.checkpoint`), placed on a mesh by
 `model.sharding`'s layout. `DEMO_CHECKPOINT` is the small trained model that ships with the
-repository (made by `scripts/make_demo_checkpoint.sh`; see its README).
+repository (made by `scripts/make_demo_checkpoint.sh`; see docs/demo_checkpoint.md).
 """
 
 import os as _os

@@ -173,6 +173,8 @@ def _write(path: str, tensors: list, hf_config: dict, max_shard_bytes: int) -> N
     write_shards(staging, tensors, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
     with open(os.path.join(staging, "config.json"), "w") as f:
       json.dump(hf_config, f, indent=2, sort_keys=True)
+    for entry in os.listdir(staging):  # safetensors creates its files 0600
+      os.chmod(os.path.join(staging, entry), 0o666 & ~_umask())
     if os.path.exists(path):
       for entry in os.listdir(path):  # a tokenizer, a README: not this checkpoint's to drop
         if entry not in os.listdir(staging) and not entry.endswith(".safetensors") and entry != INDEX:

@@ -3,6 +3,7 @@
 # trains the `demo` preset (DeepSeek-V3's architecture: MLA, 1 dense + 4 MoE layers, 8 experts,
 # one MTP module) on the Python standard library's own sources (byte-level), then writes it in
 # bf16 without the optimizer state. Extra arguments go to `python -m pipeline.train`.
+# docs/demo_checkpoint.md records the committed one's run: update it after a remake.
 # Run from anywhere after `bash scripts/test.sh` or `bash scripts/demo.sh` made .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."

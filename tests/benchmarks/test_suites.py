@@ -8,11 +8,11 @@ import pytest
 
 def test_all_suites_import_together():
   from benchmarks.__main__ import SUITES
-  assert set(SUITES) == {"balancer", "fp8", "mla", "ffi", "ep", "storage", "checkpoint"}
+  assert set(SUITES) == {"balancer", "fp8", "mla", "ffi", "ep", "storage", "checkpoint", "pipeline"}
 
 
 @pytest.mark.parametrize("suite", ["bench_balancer", "bench_fp8", "bench_mla", "bench_ffi", "bench_ep",
-                                   "bench_storage", "bench_checkpoint"])
+                                   "bench_storage", "bench_checkpoint", "bench_pipeline"])
 def test_each_suite_is_a_program(suite):
   result = subprocess.run([sys.executable, "-m", f"benchmarks.{suite}", "--helpshort"], capture_output=True,
                           text=True, timeout=120)
@@ -25,7 +25,7 @@ def test_the_gpu_suite_is_a_program_that_refuses_a_cpu_host():
                             timeout=120)
   assert "--suites" in help_run.stdout and "Traceback" not in help_run.stderr, help_run.stderr[-2000:]
   from benchmarks import gpu
-  assert set(gpu.SUITES) == {"fp8", "mla", "ep"}
+  assert set(gpu.SUITES) == {"fp8", "mla", "ep", "train"}
   import jax
   if jax.default_backend() == "gpu":
     return

@@ -252,6 +252,8 @@ def test_save_replaces_atomically_keeping_other_files(net, tmp_path):
   np.testing.assert_array_equal(model.from_pretrained(path, dtype=jnp.float32).norm.weight[...],
                                 other.norm.weight[...])
   assert os.stat(path).st_mode & 0o055 == 0o055 & ~_umask()  # group and others may read it (mkdtemp's is 0700)
+  for entry in os.listdir(path):  # and its files (safetensors creates them 0600)
+    assert os.stat(path / entry).st_mode & 0o044 == 0o044 & ~_umask(), entry
   assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no staging or old directory left
 
 
