@@ -3,7 +3,8 @@
   python -m benchmarks.bench_pipeline [--steps=4] [--seq_len=64]
 
 Every case trains the `demo` preset (1 dense + 4 MoE layers, one MTP module) on the same
-token windows: 4 micro-batches of 8 sequences per step. It reports the first step's seconds
+token windows: 32 sequences per step, as 4 micro-batches of 8 (DualPipe on 4 ranks needs 8
+micro-batches: 8 of 4). It reports the first step's seconds
 (tracing and compiling the whole step), the median of the following steps, tokens/s, the
 plan's ticks and buffer depth (micro-batches one rank holds at once), and step time against
 the baseline, one device with no pipeline, run in the same process. On a CPU host every fake
@@ -29,7 +30,7 @@ CASES = [  # (label, TrainConfig overrides); the first is the baseline
     ("1 device, FP8 projections", dict(pp=1, ep=1, schedule="1f1b", fp8=True)),
     ("pp=2 1F1B", dict(pp=2, ep=1, schedule="1f1b")),
     ("pp=2 DualPipeV", dict(pp=2, ep=1, schedule="dualpipev")),
-    ("pp=4 DualPipe", dict(pp=4, ep=1, schedule="dualpipe")),
+    ("pp=4 DualPipe (8 x 4 sequences)", dict(pp=4, ep=1, schedule="dualpipe", chunks=8, micro_batch=4)),
     ("pp=2 x ep=4 DualPipeV", dict(pp=2, ep=4, schedule="dualpipev")),
 ]
 
@@ -46,7 +47,8 @@ def run(steps: int = 4, seq_len: int = 64) -> list[dict]:
     if needs > jax.device_count():
       rows.append({"suite": "pipeline", "case": label, "note": f"skipped: needs {needs} devices"})
       continue
-    config = TrainConfig(chunks=4, micro_batch=8, seq_len=seq_len, steps=steps + 1, warmup_steps=0, **overrides)
+    config = TrainConfig(**{"chunks": 4, "micro_batch": 8, **overrides}, seq_len=seq_len, steps=steps + 2,
+                         warmup_steps=1)
     trainer = Trainer(config)
     batches = [corpus.batch(s, config.chunks * config.micro_batch, seq_len) for s in range(steps + 1)]
     begin = time.perf_counter()
