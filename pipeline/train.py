@@ -4,12 +4,13 @@
       --checkpoint_dir=/tmp/run --checkpoint_every=50
 
 Text comes from `--data` (files or globs; default: the Python standard library's sources,
-offline everywhere), byte-tokenized. It prints the next-token loss and tokens/s with a progress bar (and, with `--metrics_file`,
-a JSON line per step with the MTP losses, gradient norm and learning rate), writes
-the model's safetensors checkpoint (plus optimizer state) every `--checkpoint_every` steps and
-at the end, and `--resume` continues from the latest one in `--checkpoint_dir`. Unknown flags
-and settings that cannot work together are usage errors. On CPU hosts it runs on as many
-devices as `pp x ep` (fake CPU devices are made when the host has fewer).
+offline everywhere), byte-tokenized. It prints the next-token loss and tokens/s with a progress
+bar (and with `--metrics_file` a JSON line per step: MTP losses, gradient norm, learning rate),
+writes the model's safetensors checkpoint (plus optimizer state and tokenizer) every
+`--checkpoint_every` steps and at the end, and `--resume` continues from the latest one in
+`--checkpoint_dir`. Unknown flags and settings that cannot work together are usage errors. On
+CPU hosts it runs on as many devices as `pp x ep` (fake CPU devices are made when the host has
+fewer).
 
 Several hosts: pass `--coordinator_address`, `--num_processes` and `--process_id`; every process
 runs the same command (collectives over gloo on CPU, NCCL on GPU).

@@ -91,6 +91,7 @@ class TrainConfig:
 
 
 def learning_rate(config: TrainConfig) -> optax.Schedule:
+  """Step -> learning rate: linear warm-up to `lr` over `warmup_steps`, then cosine decay to `lr * min_lr_ratio`."""
   # Warm-up starts above zero so that the first step is not wasted.
   return optax.warmup_cosine_decay_schedule(config.lr / (config.warmup_steps + 1), config.lr, config.warmup_steps,
                                             config.steps,
