@@ -1,0 +1,127 @@
+"""fsspec for the storage cluster: protocol `3fs`, so pandas, pyarrow and DuckDB read and write it.
+
+  import fsspec
+  with fsspec.open("3fs://127.0.0.1:9000/data/x.parquet", "wb") as f: ...
+  fs = fsspec.filesystem("3fs", address="127.0.0.1:9000")   # or from any 3fs:// URL
+  fs.ls("/data"); fs.info("/data/x.parquet"); fs.mv("/data/a", "/data/b"); fs.rm("/data", recursive=True)
+
+The URL's netloc is mgmtd's address, as `python -m storage cluster` prints it; paths are the
+cluster's absolute paths. Registered through the `fsspec.specs` entry point (pyproject.toml).
+`mv` is the meta server's atomic rename (a file or a whole directory, in one transaction), not
+fsspec's copy and delete. Files open as "rb" (seekable, read through the client's chunk reads)
+or "wb" (truncating, written chunk-striped through the chains); fsspec adds text modes on top.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import fsspec
+
+import storage
+
+
+class StorageFileSystem(fsspec.AbstractFileSystem):
+  """An fsspec filesystem over one cluster's `storage.Client`.
+
+  Args:
+    address: mgmtd's `host:port`; taken from the URL when fsspec builds the instance from one.
+    timeout_s: the client's per-call timeout.
+  """
+
+  protocol = ("3fs",)
+  root_marker = "/"
+
+  def __init__(self, address: str | None = None, *, timeout_s: float = 30.0, **kwargs):
+    super().__init__(**kwargs)
+    if not address:
+      raise ValueError("address (mgmtd's host:port) is required: fsspec.filesystem('3fs', address=...) or a "
+                       "3fs://host:port/path URL")
+    self.address = address
+    self.client = storage.connect(address, timeout_s=timeout_s)
+
+  @staticmethod
+  def _split(url: str) -> tuple[str, str]:
+    """`3fs://host:port/a/b` -> ("host:port", "/a/b"); a bare path has no address. (urllib does not
+    parse a scheme that starts with a digit.)"""
+    if not url.startswith("3fs://"):
+      return "", url
+    address, _, path = url[len("3fs://"):].partition("/")
+    return address, "/" + path
+
+  @classmethod
+  def _strip_protocol(cls, path):
+    if isinstance(path, list):
+      return [cls._strip_protocol(p) for p in path]
+    path = cls._split(str(path))[1].strip("/")
+    return "/" + path if path else "/"
+
+  @classmethod
+  def _get_kwargs_from_urls(cls, path):
+    address = cls._split(str(path))[0]
+    return {"address": address} if address else {}
+
+  def unstrip_protocol(self, name: str) -> str:
+    return f"3fs://{self.address}{self._strip_protocol(name)}"
+
+  def _entry(self, path: str, stat) -> dict:
+    return {"name": path, "size": 0 if stat.is_dir else stat.size, "type": "directory" if stat.is_dir else "file",
+            "mtime": stat.mtime, "mode": stat.mode, "inode": stat.inode}
+
+  def info(self, path, **kwargs):
+    path = self._strip_protocol(path)
+    return self._entry(path, self.client.stat(path))  # FileNotFoundError names the path
+
+  def ls(self, path, detail=True, **kwargs):
+    path = self._strip_protocol(path)
+    stat = self.client.stat(path)
+    if not stat.is_dir:
+      entries = [self._entry(path, stat)]
+    else:
+      entries = []
+      for name in sorted(self.client.listdir(path)):
+        child = posixpath.join(path, name)
+        try:
+          entries.append(self._entry(child, self.client.stat(child)))
+        except FileNotFoundError:  # removed between the listing and its stat
+          continue
+    return entries if detail else [e["name"] for e in entries]
+
+  def _open(self, path, mode="rb", block_size=None, autocommit=True, cache_options=None, **kwargs):
+    if mode not in ("rb", "wb"):
+      raise ValueError(f"mode must be 'rb' or 'wb' (fsspec adds text modes), got {mode!r}")
+    return self.client.open(self._strip_protocol(path), mode)
+
+  def cat_file(self, path, start=None, end=None, **kwargs):
+    path = self._strip_protocol(path)
+    size = self.client.stat(path).size
+    start = 0 if start is None else (start + size if start < 0 else start)
+    end = size if end is None else (end + size if end < 0 else min(end, size))
+    return self.client.pread(path, start, max(end - start, 0))
+
+  def mkdir(self, path, create_parents=True, **kwargs):
+    self.client.mkdir(self._strip_protocol(path), parents=create_parents)
+
+  def makedirs(self, path, exist_ok=False):
+    self.client.mkdir(self._strip_protocol(path), parents=True, exist_ok=exist_ok)
+
+  def rm_file(self, path):
+    self.client.remove(self._strip_protocol(path))
+
+  def rmdir(self, path):
+    self.client.rmdir(self._strip_protocol(path))
+
+  def rm(self, path, recursive=False, maxdepth=None):
+    paths = self.expand_path(path, recursive=recursive, maxdepth=maxdepth)
+    for p in sorted(paths, key=lambda p: p.count("/"), reverse=True):  # children before their directories
+      if self.isdir(p):
+        self.rmdir(p)
+      else:
+        self.rm_file(p)
+
+  def mv(self, path1, path2, recursive=False, maxdepth=None, **kwargs):
+    """The meta server's atomic rename of a file or a whole directory (not a copy)."""
+    self.client.rename(self._strip_protocol(path1), self._strip_protocol(path2))
+
+  def modified(self, path):
+    import datetime
+    return datetime.datetime.fromtimestamp(self.info(path)["mtime"], tz=datetime.timezone.utc)

@@ -1,0 +1,73 @@
+"""The `3fs` fsspec filesystem on a local cluster: fsspec.open URLs, parquet through pyarrow, DuckDB's read_parquet, ls/info/mv/rm."""
+
+from __future__ import annotations
+
+import duckdb
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from storage.filesystem import StorageFileSystem
+from tests.storage.local_cluster import LocalCluster
+
+
+@pytest.fixture(scope="module")
+def fs(tmp_path_factory):
+  with LocalCluster(tmp_path_factory.mktemp("cluster"), gc_delay_s=0.0) as cluster:
+    filesystem = fsspec.filesystem("3fs", address=cluster.address)
+    yield filesystem
+    filesystem.client.close()
+
+
+def test_urls_open_through_the_entry_point(fs):
+  url = f"3fs://{fs.address}/urls/hello.txt"
+  fs.makedirs("/urls", exist_ok=True)
+  with fsspec.open(url, "w") as f:  # text mode on top of the binary file
+    f.write("hello, 3fs\n" * 1000)
+  with fsspec.open(url, "r") as f:
+    assert f.read() == "hello, 3fs\n" * 1000
+  assert isinstance(fsspec.open(url).fs, StorageFileSystem)
+  assert fs.cat_file("/urls/hello.txt", start=7, end=10) == b"3fs"
+  assert fs.cat_file(url, start=-4) == b"3fs\n"
+
+
+def test_parquet_with_pyarrow_and_duckdb(fs):
+  table = pa.table({"key": list(range(10_000)), "value": [f"v{i % 97}" for i in range(10_000)]})
+  fs.makedirs("/parquet", exist_ok=True)
+  pq.write_table(table, "/parquet/t.parquet", filesystem=fs, row_group_size=1000)
+  assert pq.read_table("/parquet/t.parquet", filesystem=fs).equals(table)
+
+  con = duckdb.connect()
+  con.register_filesystem(fs)
+  got = con.execute(f"select count(*), sum(key), count(distinct value) from read_parquet('3fs://{fs.address}"
+                "/parquet/t.parquet')").fetchone()
+  assert got == (10_000, sum(range(10_000)), 97)
+  con.execute(f"copy (select key * 2 as doubled from range(5) t(key)) to '3fs://{fs.address}/parquet/d.parquet' "
+          "(format parquet)")
+  assert pq.read_table("/parquet/d.parquet", filesystem=fs).column("doubled").to_pylist() == [0, 2, 4, 6, 8]
+
+
+def test_ls_info_mv_rm(fs):
+  fs.makedirs("/tree/sub", exist_ok=True)
+  fs.pipe_file("/tree/a.bin", b"x" * 300_000)  # several chunks
+  fs.pipe_file("/tree/sub/b.bin", b"y")
+  assert fs.ls("/tree", detail=False) == ["/tree/a.bin", "/tree/sub"]
+  info = fs.info(f"3fs://{fs.address}/tree/a.bin")
+  assert (info["name"], info["size"], info["type"]) == ("/tree/a.bin", 300_000, "file")
+  assert fs.info("/tree/sub")["type"] == "directory"
+  assert fs.find("/tree") == ["/tree/a.bin", "/tree/sub/b.bin"]
+
+  fs.mv("/tree/sub", "/tree/moved")  # a directory in one atomic rename
+  assert fs.ls("/tree", detail=False) == ["/tree/a.bin", "/tree/moved"]
+  assert fs.cat_file("/tree/moved/b.bin") == b"y"
+
+  with pytest.raises(FileNotFoundError):
+    fs.info("/tree/sub")
+  fs.rm("/tree", recursive=True)
+  assert not fs.exists("/tree")
+
+
+def test_an_address_is_required():
+  with pytest.raises(ValueError, match="address"):
+    StorageFileSystem(skip_instance_cache=True)
