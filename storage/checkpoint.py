@@ -1,0 +1,183 @@
+"""Sharded checkpoints of `jax.Array` pytrees on the storage cluster (`3fs://HOST:PORT/...`) or any fsspec path.
+
+  storage.checkpoint.save(params, "3fs://127.0.0.1:9000/ckpt/step_100")
+  params = storage.checkpoint.restore("3fs://127.0.0.1:9000/ckpt/step_100", abstract)  # any mesh
+
+Layout of a checkpoint directory:
+  manifest.json          written last: every leaf's key path, shape, dtype, the sharding it was
+                         saved from, and per shard its index (start/stop per axis), file and xxh3-64
+  {leaf}/{shard}.bin     one C-order array per distinct shard (replica 0 of it only)
+
+`save` writes into `{path}.partial` (cleared first), every process writing its own addressable
+shards concurrently (a thread pool over the filesystem's files: the cluster client stripes
+each over its chains), then process 0 writes the manifest and renames the directory into
+place: an old checkpoint at `path` is moved aside first and removed after. A crash before the
+rename leaves `path` as it was; `restore` refuses a directory without a manifest.
+
+`restore(path, target)` rebuilds each leaf on `target`'s sharding (a pytree of arrays or
+`jax.ShapeDtypeStruct`s with shardings), reading only the saved shards that overlap each
+device's slice and checking their checksums, so the mesh may differ from the one saved from.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import uuid
+from typing import Any
+
+import fsspec
+import jax
+import numpy as np
+import xxhash
+from jax.experimental import multihost_utils
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+def _fs(path: str):
+  fs, root = fsspec.core.url_to_fs(path)
+  return fs, root.rstrip("/")
+
+
+def _leaf_names(tree) -> tuple[list[str], list[Any], Any]:
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  return [jax.tree_util.keystr(path) for path, _ in flat], [leaf for _, leaf in flat], treedef
+
+
+def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> list[list[int]]:
+  return [[s.indices(n)[0], s.indices(n)[1]] for s, n in zip(index, shape)]
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def save(tree, path: str, *, max_workers: int = 8) -> None:
+  """Writes `tree` (a pytree of `jax.Array`s, numpy arrays or scalars) as a checkpoint at `path`; every process calls it.
+
+  Args:
+    tree: the pytree; each array leaf's shards are written by the processes that hold them.
+    path: a local path or a URL fsspec knows (`3fs://HOST:PORT/dir` for the cluster).
+    max_workers: concurrent shard writes per process.
+  """
+  fs, root = _fs(path)
+  staging = root + ".partial"
+  names, leaves, _ = _leaf_names(tree)
+  if jax.process_index() == 0:
+    if fs.exists(staging):
+      fs.rm(staging, recursive=True)
+    fs.makedirs(staging, exist_ok=True)
+  _barrier("storage.checkpoint.staging")
+  entries, writes = [], []
+  for i, (name, leaf) in enumerate(zip(names, leaves)):
+    if isinstance(leaf, jax.Array):  # every process its addressable shards, one replica of each
+      pieces = [(shard.index, shard.data) for shard in leaf.addressable_shards if shard.replica_id == 0]
+      shape, dtype, sharding = leaf.shape, leaf.dtype, repr(leaf.sharding)
+    else:  # a host value (numpy, a scalar): the same on every process, written by process 0
+      host = np.asarray(leaf)
+      pieces = [(tuple(slice(None) for _ in host.shape), host)] if jax.process_index() == 0 else []
+      shape, dtype, sharding = host.shape, host.dtype, "host"
+    shards = []
+    if pieces:
+      fs.makedirs(f"{staging}/{i}", exist_ok=True)
+    for index, value in pieces:
+      bounds = _bounds(index, shape)
+      file = f"{i}/" + ("_".join(f"{a}-{b}" for a, b in bounds) or "scalar") + ".bin"
+      data = np.ascontiguousarray(np.asarray(value)).tobytes()
+      shards.append({"bounds": bounds, "file": file, "xxh3": xxhash.xxh3_64_hexdigest(data), "bytes": len(data)})
+      writes.append((f"{staging}/{file}", data))
+    entries.append({"name": name, "shape": list(shape), "dtype": str(np.dtype(dtype)), "sharding": sharding,
+                    "shards": shards})
+  with concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
+    list(pool.map(lambda item: fs.pipe_file(*item), writes))
+  fs.pipe_file(f"{staging}/shards.{jax.process_index()}.json", json.dumps(entries).encode())
+  _barrier("storage.checkpoint.written")
+  if jax.process_index() == 0:
+    merged = None
+    for p in range(jax.process_count()):
+      part = json.loads(fs.cat_file(f"{staging}/shards.{p}.json"))
+      if merged is None:
+        merged = part
+      else:
+        for entry, more in zip(merged, part):
+          entry["shards"] += more["shards"]
+      fs.rm_file(f"{staging}/shards.{p}.json")
+    fs.pipe_file(f"{staging}/{MANIFEST}", json.dumps({"format": FORMAT, "leaves": merged}, indent=1).encode())
+    aside = None
+    if fs.exists(root):
+      aside = f"{root}.old-{uuid.uuid4().hex[:8]}"
+      fs.mv(root, aside)
+    fs.mv(staging, root)
+    if aside:
+      fs.rm(aside, recursive=True)
+  _barrier("storage.checkpoint.committed")
+
+
+def read_manifest(path: str) -> dict:
+  """The checkpoint's manifest; ValueError when `path` holds none (an unfinished save, or no checkpoint)."""
+  fs, root = _fs(path)
+  try:
+    return json.loads(fs.cat_file(f"{root}/{MANIFEST}"))
+  except FileNotFoundError:
+    raise ValueError(f"{path} is not a finished checkpoint: it has no {MANIFEST}") from None
+
+
+def restore(path: str, target):
+  """Reads the checkpoint at `path` onto `target`'s structure, shapes, dtypes and shardings.
+
+  Args:
+    path: a local path or an fsspec URL, as given to `save`.
+    target: a pytree like the saved one, of `jax.Array`s or `jax.ShapeDtypeStruct`s; each leaf's
+      `.sharding` (a single device when it has none) says where its shards go.
+
+  Returns:
+    The pytree of `jax.Array`s. ValueError names the leaf whose name, shape or dtype differs
+    from the manifest's, or a shard whose checksum fails.
+  """
+  fs, root = _fs(path)
+  manifest = read_manifest(path)
+  names, leaves, treedef = _leaf_names(target)
+  saved = {entry["name"]: entry for entry in manifest["leaves"]}
+  if sorted(saved) != sorted(names):
+    missing, extra = sorted(set(names) - set(saved)), sorted(set(saved) - set(names))
+    raise ValueError(f"{path} holds other leaves than target: missing {missing[:5]}, not in target {extra[:5]}")
+  out = []
+  for name, leaf in zip(names, leaves):
+    entry = saved[name]
+    shape, dtype = tuple(entry["shape"]), np.dtype(entry["dtype"])
+    if tuple(leaf.shape) != shape or np.dtype(leaf.dtype) != dtype:
+      raise ValueError(f"leaf {name}: checkpoint has {dtype}{list(shape)}, target {np.dtype(leaf.dtype)}"
+                       f"{list(leaf.shape)}")
+    sharding = getattr(leaf, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    cache: dict[str, np.ndarray] = {}
+
+    def read(shard, name=name, dtype=dtype, cache=cache):
+      if shard["file"] not in cache:
+        data = fs.cat_file(f"{root}/{shard['file']}")
+        if xxhash.xxh3_64_hexdigest(data) != shard["xxh3"]:
+          raise ValueError(f"leaf {name}: shard {shard['file']} fails its checksum")
+        cache[shard["file"]] = np.frombuffer(data, dtype).reshape([b - a for a, b in shard["bounds"]])
+      return cache[shard["file"]]
+
+    def fill(index, entry=entry, shape=shape, dtype=dtype, read=read):
+      want = _bounds(index, shape)
+      result = np.empty([b - a for a, b in want], dtype)
+      covered = 0
+      for shard in entry["shards"]:
+        lo = [max(a, c) for (a, _), (c, _) in zip(want, shard["bounds"])]
+        hi = [min(b, d) for (_, b), (_, d) in zip(want, shard["bounds"])]
+        if any(l >= h for l, h in zip(lo, hi)):
+          continue  # this shard holds none of the slice (never for a scalar: no axes)
+        src = read(shard)[tuple(slice(l - c, h - c) for l, h, (c, _) in zip(lo, hi, shard["bounds"]))]
+        result[tuple(slice(l - a, h - a) for l, h, (a, _) in zip(lo, hi, want))] = src
+        covered += src.size
+      if covered != result.size:
+        raise ValueError(f"leaf {entry['name']}: the saved shards cover {covered} of {result.size} elements of "
+                         f"the slice {want}")
+      return result
+
+    out.append(jax.make_array_from_callback(shape, sharding, fill))
+  return jax.tree_util.tree_unflatten(treedef, out)

@@ -1,0 +1,104 @@
+"""Sharded checkpoints: save a pytree of sharded arrays, restore it on the same or another mesh, locally and on the cluster; an unfinished save leaves the previous checkpoint intact."""
+
+from __future__ import annotations
+
+import fsspec
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import storage.checkpoint as ckpt
+from tests.storage.local_cluster import LocalCluster
+
+
+def _tree(mesh, seed=0):
+  k = jax.random.split(jax.random.key(seed), 3)
+  put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+  return {"w": put(jax.random.normal(k[0], (16, 24)), P("a", "b")),   # split both ways
+          "experts": put(jax.random.normal(k[1], (8, 6, 4), jnp.bfloat16), P("a")),  # split, replicated over b
+          "bias": put(jnp.arange(24, dtype=jnp.int32), P()),           # replicated: one copy written
+          "step": np.int64(7 + seed), "table": np.arange(6.0).reshape(2, 3)}
+
+
+def _abstract(tree, mesh, specs):
+  return {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype if not isinstance(v, jax.Array) else v.dtype,
+                                  sharding=NamedSharding(mesh, specs[k])) for k, v in tree.items()}
+
+
+def _check(got, want):
+  for key in want:
+    np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]), err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+  with LocalCluster(tmp_path_factory.mktemp("cluster"), gc_delay_s=0.0) as c:
+    yield c
+
+
+@pytest.mark.parametrize("where", ["local", "cluster"])
+def test_restore_on_the_same_and_another_mesh(where, tmp_path, cluster):
+  path = str(tmp_path / "ckpt") if where == "local" else f"3fs://{cluster.address}/ckpt-{id(tmp_path)}/step_1"
+  mesh = jax.make_mesh((4, 2), ("a", "b"))
+  tree = _tree(mesh)
+  ckpt.save(tree, path)
+  manifest = ckpt.read_manifest(path)
+  w = next(e for e in manifest["leaves"] if e["name"] == "['w']")
+  assert len(w["shards"]) == 8 and w["dtype"] == "float32"
+  assert len(next(e for e in manifest["leaves"] if e["name"] == "['bias']")["shards"]) == 1
+
+  same = {"w": P("a", "b"), "experts": P("a"), "bias": P(), "step": P(), "table": P()}
+  _check(ckpt.restore(path, _abstract(tree, mesh, same)), tree)
+  other_mesh = jax.make_mesh((2, 4), ("x", "y"), devices=jax.devices()[::-1])
+  other = {"w": P("y", "x"), "experts": P(None, "x", "y"), "bias": P("x"), "step": P(), "table": P(None, None)}
+  restored = ckpt.restore(path, _abstract(tree, other_mesh, other))
+  _check(restored, tree)
+  assert restored["w"].sharding.spec == P("y", "x")
+
+
+def test_an_unfinished_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+  mesh = jax.make_mesh((8,), ("a",))
+  path = str(tmp_path / "ckpt")
+  first = {"w": jax.device_put(jnp.arange(64.0), NamedSharding(mesh, P("a")))}
+  ckpt.save(first, path)
+  fs = fsspec.filesystem("file")
+  real = fs.pipe_file
+  calls = []
+
+  def crash_on_the_manifest(self, target, data, *args, **kwargs):  # the crash: after the shards, before the commit
+    if target.endswith(ckpt.MANIFEST):
+      raise OSError("simulated crash")
+    calls.append(target)
+    return real(target, data, *args, **kwargs)
+
+  monkeypatch.setattr(type(fs), "pipe_file", crash_on_the_manifest)
+  with pytest.raises(OSError, match="simulated crash"):
+    ckpt.save({"w": first["w"] * 2}, path)
+  monkeypatch.undo()
+  assert calls  # the second save did write its shards
+  abstract = {"w": jax.ShapeDtypeStruct((64,), jnp.float32, sharding=NamedSharding(mesh, P("a")))}
+  _check(ckpt.restore(path, abstract), first)
+  with pytest.raises(ValueError, match="not a finished checkpoint"):
+    ckpt.read_manifest(path + ".partial")
+  ckpt.save({"w": first["w"] * 3}, path)  # the next save clears the leftover and commits
+  _check(ckpt.restore(path, abstract), {"w": first["w"] * 3})
+
+
+def test_corruption_and_mismatches_name_the_leaf(tmp_path):
+  mesh = jax.make_mesh((8,), ("a",))
+  path = str(tmp_path / "ckpt")
+  tree = {"w": jax.device_put(jnp.arange(64.0), NamedSharding(mesh, P("a")))}
+  ckpt.save(tree, path)
+  good = {"w": jax.ShapeDtypeStruct((64,), jnp.float32, sharding=NamedSharding(mesh, P()))}
+  with pytest.raises(ValueError, match=r"leaf \['w'\]: checkpoint has float32\[64\], target float32\[32\]"):
+    ckpt.restore(path, {"w": jax.ShapeDtypeStruct((32,), jnp.float32)})
+  with pytest.raises(ValueError, match="missing"):
+    ckpt.restore(path, {"v": good["w"]})
+  shard = tmp_path / "ckpt" / ckpt.read_manifest(path)["leaves"][0]["shards"][3]["file"]
+  data = bytearray(shard.read_bytes())
+  data[0] ^= 1
+  shard.write_bytes(bytes(data))
+  with pytest.raises(ValueError, match="fails its checksum"):
+    ckpt.restore(path, good)
