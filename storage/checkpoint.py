@@ -11,8 +11,10 @@ Layout of a checkpoint directory:
 `save` writes into `{path}.partial` (cleared first), every process writing its own addressable
 shards concurrently (a thread pool over the filesystem's files: the cluster client stripes
 each over its chains), then process 0 writes the manifest and renames the directory into
-place: an old checkpoint at `path` is moved aside first and removed after. A crash before the
-rename leaves `path` as it was; `restore` refuses a directory without a manifest.
+place: an old checkpoint at `path` is renamed to `{path}.old` first and removed after. A crash
+before that leaves `path` as it was; one between the two renames leaves the old checkpoint at
+`{path}.old`, where `read_manifest` and `restore` find it. A directory without a manifest is
+refused. With several processes, a local path must be on a filesystem they share.
 
 `restore(path, target)` rebuilds each leaf on `target`'s sharding (a pytree of arrays or
 `jax.ShapeDtypeStruct`s with shardings), reading only the saved shards that overlap each
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import uuid
 from typing import Any
 
 import fsspec
@@ -64,20 +65,28 @@ def save(tree, path: str, *, max_workers: int = 8) -> None:
     max_workers: concurrent shard writes per process.
   """
   fs, root = _fs(path)
-  staging = root + ".partial"
+  if not root.strip("/"):
+    raise ValueError(f"path {path!r} is a filesystem's root; give a directory for the checkpoint")
+  staging, old = root + ".partial", root + ".old"
   names, leaves, _ = _leaf_names(tree)
   if jax.process_index() == 0:
     if fs.exists(staging):
       fs.rm(staging, recursive=True)
+    if fs.exists(old) and fs.exists(f"{root}/{MANIFEST}"):  # a finished commit's leftover
+      fs.rm(old, recursive=True)
     fs.makedirs(staging, exist_ok=True)
   _barrier("storage.checkpoint.staging")
   entries, writes = [], []
   for i, (name, leaf) in enumerate(zip(names, leaves)):
-    if isinstance(leaf, jax.Array):  # every process its addressable shards, one replica of each
+    local_only = isinstance(leaf, jax.Array) and jax.process_count() > 1 and leaf.is_fully_addressable
+    if isinstance(leaf, jax.Array) and not local_only:  # every process its addressable shards, one replica of each
       pieces = [(shard.index, shard.data) for shard in leaf.addressable_shards if shard.replica_id == 0]
       shape, dtype, sharding = leaf.shape, leaf.dtype, repr(leaf.sharding)
-    else:  # a host value (numpy, a scalar): the same on every process, written by process 0
+    else:  # a host value (numpy, a scalar, one process's own array): written by process 0
       host = np.asarray(leaf)
+      if host.dtype.kind in "OUSV" or jax.dtypes.issubdtype(host.dtype, jax.dtypes.prng_key):
+        raise ValueError(f"leaf {name} has dtype {host.dtype}, which is not numeric data (for PRNG keys save "
+                         "jax.random.key_data)")
       pieces = [(tuple(slice(None) for _ in host.shape), host)] if jax.process_index() == 0 else []
       shape, dtype, sharding = host.shape, host.dtype, "host"
     shards = []
@@ -105,24 +114,36 @@ def save(tree, path: str, *, max_workers: int = 8) -> None:
         for entry, more in zip(merged, part):
           entry["shards"] += more["shards"]
       fs.rm_file(f"{staging}/shards.{p}.json")
+    for entry in merged:
+      bounds = [json.dumps(shard["bounds"]) for shard in entry["shards"]]
+      if len(set(bounds)) != len(bounds):
+        raise ValueError(f"leaf {entry['name']}: two processes wrote the same shard")
     fs.pipe_file(f"{staging}/{MANIFEST}", json.dumps({"format": FORMAT, "leaves": merged}, indent=1).encode())
-    aside = None
+    # The old checkpoint moves to `{root}.old` (where `read_manifest` looks when `root` has none)
+    # for the instant between the two renames; on local disks and on 3fs `mv` is a rename.
     if fs.exists(root):
-      aside = f"{root}.old-{uuid.uuid4().hex[:8]}"
-      fs.mv(root, aside)
-    fs.mv(staging, root)
-    if aside:
-      fs.rm(aside, recursive=True)
+      if fs.exists(old):
+        fs.rm(old, recursive=True)
+      fs.mv(root, old, recursive=True)
+    fs.mv(staging, root, recursive=True)
+    if fs.exists(old):
+      fs.rm(old, recursive=True)
   _barrier("storage.checkpoint.committed")
 
 
 def read_manifest(path: str) -> dict:
   """The checkpoint's manifest; ValueError when `path` holds none (an unfinished save, or no checkpoint)."""
   fs, root = _fs(path)
-  try:
-    return json.loads(fs.cat_file(f"{root}/{MANIFEST}"))
-  except FileNotFoundError:
-    raise ValueError(f"{path} is not a finished checkpoint: it has no {MANIFEST}") from None
+  for directory in (root, root + ".old"):  # `.old`: a save stopped between its two renames
+    try:
+      manifest = json.loads(fs.cat_file(f"{directory}/{MANIFEST}"))
+    except FileNotFoundError:
+      continue
+    if manifest.get("format") != FORMAT:
+      raise ValueError(f"{directory}/{MANIFEST} has format {manifest.get('format')}, this reader {FORMAT}")
+    manifest["directory"] = directory
+    return manifest
+  raise ValueError(f"{path} is not a finished checkpoint: it has no {MANIFEST}")
 
 
 def restore(path: str, target):
@@ -131,14 +152,16 @@ def restore(path: str, target):
   Args:
     path: a local path or an fsspec URL, as given to `save`.
     target: a pytree like the saved one, of `jax.Array`s or `jax.ShapeDtypeStruct`s; each leaf's
-      `.sharding` (a single device when it has none) says where its shards go.
+      `.sharding` says where its shards go. Leaves saved from host values (numpy, scalars),
+      and targets without a sharding, come back as numpy arrays.
 
   Returns:
     The pytree of `jax.Array`s. ValueError names the leaf whose name, shape or dtype differs
     from the manifest's, or a shard whose checksum fails.
   """
-  fs, root = _fs(path)
+  fs, _ = _fs(path)
   manifest = read_manifest(path)
+  root = manifest["directory"]
   names, leaves, treedef = _leaf_names(target)
   saved = {entry["name"]: entry for entry in manifest["leaves"]}
   if sorted(saved) != sorted(names):
@@ -148,10 +171,10 @@ def restore(path: str, target):
   for name, leaf in zip(names, leaves):
     entry = saved[name]
     shape, dtype = tuple(entry["shape"]), np.dtype(entry["dtype"])
-    if tuple(leaf.shape) != shape or np.dtype(leaf.dtype) != dtype:
+    if tuple(np.shape(leaf)) != shape or np.result_type(leaf) != dtype:
       raise ValueError(f"leaf {name}: checkpoint has {dtype}{list(shape)}, target {np.dtype(leaf.dtype)}"
                        f"{list(leaf.shape)}")
-    sharding = getattr(leaf, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = getattr(leaf, "sharding", None)
     cache: dict[str, np.ndarray] = {}
 
     def read(shard, name=name, dtype=dtype, cache=cache):
@@ -179,5 +202,10 @@ def restore(path: str, target):
                          f"the slice {want}")
       return result
 
+    if entry["sharding"] == "host" or sharding is None:  # saved from, or wanted as, a host value: numpy
+      out.append(fill(tuple(slice(None) for _ in shape)))
+      continue
+    if jax.dtypes.canonicalize_dtype(dtype) != dtype:
+      raise ValueError(f"leaf {name} is {dtype}, which jax holds only with jax_enable_x64 on")
     out.append(jax.make_array_from_callback(shape, sharding, fill))
   return jax.tree_util.tree_unflatten(treedef, out)

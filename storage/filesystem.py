@@ -60,6 +60,18 @@ class StorageFileSystem(fsspec.AbstractFileSystem):
     address = cls._split(str(path))[0]
     return {"address": address} if address else {}
 
+  def _path(self, path) -> str:
+    """The cluster path of `path`; ValueError when a URL names another cluster than this instance's."""
+    address = self._split(str(path))[0]
+    if address and address != self.address:
+      raise ValueError(f"{path} is on cluster {address}, this filesystem is connected to {self.address}")
+    return self._strip_protocol(path)
+
+  def close(self) -> None:
+    """Closes the client and drops this instance from fsspec's cache (a later `filesystem(...)` connects anew)."""
+    self.client.close()
+    type(self)._cache.pop(self._fs_token, None)
+
   def unstrip_protocol(self, name: str) -> str:
     return f"3fs://{self.address}{self._strip_protocol(name)}"
 
@@ -68,11 +80,11 @@ class StorageFileSystem(fsspec.AbstractFileSystem):
             "mtime": stat.mtime, "mode": stat.mode, "inode": stat.inode}
 
   def info(self, path, **kwargs):
-    path = self._strip_protocol(path)
+    path = self._path(path)
     return self._entry(path, self.client.stat(path))  # FileNotFoundError names the path
 
   def ls(self, path, detail=True, **kwargs):
-    path = self._strip_protocol(path)
+    path = self._path(path)
     stat = self.client.stat(path)
     if not stat.is_dir:
       entries = [self._entry(path, stat)]
@@ -89,26 +101,31 @@ class StorageFileSystem(fsspec.AbstractFileSystem):
   def _open(self, path, mode="rb", block_size=None, autocommit=True, cache_options=None, **kwargs):
     if mode not in ("rb", "wb"):
       raise ValueError(f"mode must be 'rb' or 'wb' (fsspec adds text modes), got {mode!r}")
-    return self.client.open(self._strip_protocol(path), mode)
+    if not autocommit:
+      raise NotImplementedError("3fs files are visible as written: fsspec transactions are not supported")
+    return self.client.open(self._path(path), mode)
 
   def cat_file(self, path, start=None, end=None, **kwargs):
-    path = self._strip_protocol(path)
-    size = self.client.stat(path).size
-    start = 0 if start is None else (start + size if start < 0 else start)
+    path = self._path(path)
+    stat = self.client.stat(path)
+    if stat.is_dir:
+      raise IsADirectoryError(f"is a directory: {path}")
+    size = stat.size
+    start = 0 if start is None else (max(start + size, 0) if start < 0 else start)
     end = size if end is None else (end + size if end < 0 else min(end, size))
     return self.client.pread(path, start, max(end - start, 0))
 
   def mkdir(self, path, create_parents=True, **kwargs):
-    self.client.mkdir(self._strip_protocol(path), parents=create_parents)
+    self.client.mkdir(self._path(path), parents=create_parents)
 
   def makedirs(self, path, exist_ok=False):
-    self.client.mkdir(self._strip_protocol(path), parents=True, exist_ok=exist_ok)
+    self.client.mkdir(self._path(path), parents=True, exist_ok=exist_ok)
 
   def rm_file(self, path):
-    self.client.remove(self._strip_protocol(path))
+    self.client.remove(self._path(path))
 
   def rmdir(self, path):
-    self.client.rmdir(self._strip_protocol(path))
+    self.client.rmdir(self._path(path))
 
   def rm(self, path, recursive=False, maxdepth=None):
     paths = self.expand_path(path, recursive=recursive, maxdepth=maxdepth)
@@ -120,7 +137,7 @@ class StorageFileSystem(fsspec.AbstractFileSystem):
 
   def mv(self, path1, path2, recursive=False, maxdepth=None, **kwargs):
     """The meta server's atomic rename of a file or a whole directory (not a copy)."""
-    self.client.rename(self._strip_protocol(path1), self._strip_protocol(path2))
+    self.client.rename(self._path(path1), self._path(path2))
 
   def modified(self, path):
     import datetime

@@ -102,3 +102,23 @@ def test_corruption_and_mismatches_name_the_leaf(tmp_path):
   shard.write_bytes(bytes(data))
   with pytest.raises(ValueError, match="fails its checksum"):
     ckpt.restore(path, good)
+
+
+def test_host_values_other_filesystems_and_the_old_fallback(tmp_path):
+  """Host leaves come back as numpy, exactly (int64 beyond 32 bits); memory:// works; a save stopped between its renames is found at .old."""
+  tree = {"step": np.int64(2**33 + 5), "rows": np.arange(10, dtype=np.float64)}
+  ckpt.save(tree, "memory://ckpt/a")
+  got = ckpt.restore("memory://ckpt/a", tree)
+  assert got["step"] == 2**33 + 5 and got["step"].dtype == np.int64 and got["rows"].dtype == np.float64
+
+  path = str(tmp_path / "ckpt")
+  ckpt.save(tree, path)
+  (tmp_path / "ckpt").rename(tmp_path / "ckpt.old")  # as if stopped after moving the old one aside
+  assert ckpt.restore(path, tree)["step"] == 2**33 + 5
+  ckpt.save({"step": np.int64(1), "rows": tree["rows"]}, path)  # commits and clears .old
+  assert not (tmp_path / "ckpt.old").exists() and ckpt.restore(path, tree)["step"] == 1
+
+  with pytest.raises(ValueError, match=r"leaf \['bad'\] has dtype object"):
+    ckpt.save({"bad": np.array([object()])}, str(tmp_path / "bad"))
+  with pytest.raises(ValueError, match="root"):
+    ckpt.save(tree, "memory://")

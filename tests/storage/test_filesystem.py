@@ -17,7 +17,7 @@ def fs(tmp_path_factory):
   with LocalCluster(tmp_path_factory.mktemp("cluster"), gc_delay_s=0.0) as cluster:
     filesystem = fsspec.filesystem("3fs", address=cluster.address)
     yield filesystem
-    filesystem.client.close()
+    filesystem.close()
 
 
 def test_urls_open_through_the_entry_point(fs):
@@ -30,6 +30,9 @@ def test_urls_open_through_the_entry_point(fs):
   assert isinstance(fsspec.open(url).fs, StorageFileSystem)
   assert fs.cat_file("/urls/hello.txt", start=7, end=10) == b"3fs"
   assert fs.cat_file(url, start=-4) == b"3fs\n"
+  assert fs.cat_file(url, start=-10**9) == fs.cat_file(url)
+  with pytest.raises(ValueError, match="is on cluster 10.0.0.1:1"):
+    fs.info("3fs://10.0.0.1:1/urls/hello.txt")
 
 
 def test_parquet_with_pyarrow_and_duckdb(fs):
