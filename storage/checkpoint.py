@@ -156,7 +156,7 @@ def restore(path: str, target):
       and targets without a sharding, come back as numpy arrays.
 
   Returns:
-    The pytree of `jax.Array`s. ValueError names the leaf whose name, shape or dtype differs
+    The pytree: `jax.Array`s, and numpy arrays for host leaves. ValueError names the leaf whose name, shape or dtype differs
     from the manifest's, or a shard whose checksum fails.
   """
   fs, _ = _fs(path)
@@ -172,8 +172,8 @@ def restore(path: str, target):
     entry = saved[name]
     shape, dtype = tuple(entry["shape"]), np.dtype(entry["dtype"])
     if tuple(np.shape(leaf)) != shape or np.result_type(leaf) != dtype:
-      raise ValueError(f"leaf {name}: checkpoint has {dtype}{list(shape)}, target {np.dtype(leaf.dtype)}"
-                       f"{list(leaf.shape)}")
+      raise ValueError(f"leaf {name}: checkpoint has {dtype}{list(shape)}, target {np.result_type(leaf)}"
+                       f"{list(np.shape(leaf))}")
     sharding = getattr(leaf, "sharding", None)
     cache: dict[str, np.ndarray] = {}
 
