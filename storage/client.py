@@ -146,21 +146,26 @@ class Client:
     except (FileNotFoundError, NotADirectoryError):
       return False
 
-  def open(self, path: str, mode: str = "rb"):
-    """A binary file: "rb" (io.BufferedReader) or "wb" (io.BufferedWriter, truncating)."""
+  def open(self, path: str, mode: str = "rb", buffering: int = -1):
+    """A binary file: "rb" or "wb" (truncating).
+
+    "rb" gives an io.BufferedReader of one chunk, for one thread; with `buffering=0` it gives
+    the unbuffered reader itself, which several threads may share (see `SharedReader`).
+    "wb" gives an io.BufferedWriter of several chunks (`buffering` is ignored).
+    """
     if mode not in ("rb", "wb"):
       raise ValueError(f"mode must be 'rb' or 'wb', got {mode!r}")
     if mode == "rb":
       stat = self.stat(path)
       if stat.is_dir:
         raise IsADirectoryError(f"is a directory: {path}")
-      raw = _RawFile(self, path, stat, session=None)
-      return io.BufferedReader(raw, buffer_size=stat.chunk_size)
+      reader = SharedReader(self, path, stat)
+      return reader if buffering == 0 else io.BufferedReader(reader, buffer_size=stat.chunk_size)
     stat = _to_stat(self._meta_call("create", path=path, truncate=True))
     session = self._meta_call("open_session", inode=stat.inode)
     # A buffer of several chunks: each flush writes them concurrently (different chunks, or chains).
     buffer_size = stat.chunk_size * max(_WRITE_AHEAD_CHUNKS, len(stat.chains))
-    return io.BufferedWriter(_RawFile(self, path, stat, session=session), buffer_size=buffer_size)
+    return io.BufferedWriter(_Writer(self, path, stat, session), buffer_size=buffer_size)
 
   def pread(self, path: str, offset: int, length: int) -> bytes:
     if offset < 0 or length < 0:
@@ -205,17 +210,106 @@ class Client:
     await asyncio.gather(*pieces)
 
 
-class _RawFile(io.RawIOBase):
-  def __init__(self, client: Client, path: str, stat: FileStat, session: str | None):
-    self._client, self.name, self._stat, self._session = client, path, stat, session
-    self._position = 0
-    self._length = 0 if session else stat.size
+class SharedReader(io.RawIOBase):
+  """An unbuffered, seekable reader of one file, safe to share between threads.
+
+  DuckDB (through fsspec) reads one handle from several threads as `seek(x)` then `read(n)`
+  pairs, and a read here waits on the network without the GIL, so another thread's seek can
+  land in between. A thread's seek is therefore remembered for that thread, and its next read
+  starts there. A read by a thread that did not seek continues the shared position (sequential
+  reads handed between threads) and forgets the other threads' seeks. Used by one thread, this
+  is an ordinary file. Reads of different threads run concurrently. The size is the file's at
+  open; each read is one batch of chunk reads.
+  """
+
+  _LINE_BLOCK = 64 << 10  # readline reads this much at a time, not a byte per request
+
+  def __init__(self, client: Client, path: str, stat: FileStat):
+    self._client, self.name, self._stat = client, path, stat
+    self._lock = threading.Lock()
+    self._shared = 0
+    self._sought: dict[int, int] = {}  # thread ident -> its seek not yet read from
+
+  @property
+  def size(self) -> int:
+    return self._stat.size
 
   def readable(self) -> bool:
-    return self._session is None
+    return True
+
+  def seekable(self) -> bool:
+    return True
+
+  def tell(self) -> int:
+    with self._lock:
+      return self._sought.get(threading.get_ident(), self._shared)
+
+  def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+    with self._lock:
+      me = threading.get_ident()
+      base = {io.SEEK_SET: 0, io.SEEK_CUR: self._sought.get(me, self._shared), io.SEEK_END: self.size}[whence]
+      if base + offset < 0:
+        raise ValueError(f"negative seek position {base + offset}")
+      self._sought[me] = self._shared = base + offset
+      return base + offset
+
+  def _claim(self, length: int) -> tuple[int, int]:
+    """The (start, length) of this thread's next read, moving the shared position past it."""
+    with self._lock:
+      me = threading.get_ident()
+      if me in self._sought:
+        start = self._sought.pop(me)
+      else:
+        start = self._shared
+        self._sought.clear()  # the position was handed over: older seeks of other threads are void
+      length = max(0, min(length, self.size - start))
+      self._shared = start + length
+      return start, length
+
+  def readinto(self, buffer) -> int:
+    self._check_open()
+    start, length = self._claim(len(buffer))
+    if length:
+      memoryview(buffer).cast("B")[:length] = self._client._run(self._client._read(self._stat, start, length))
+    return length
+
+  def readall(self) -> bytes:
+    self._check_open()
+    start, length = self._claim(self.size)
+    return self._client._run(self._client._read(self._stat, start, length)) if length else b""
+
+  def readline(self, size: int | None = -1) -> bytes:
+    self._check_open()
+    limit = self.size if size is None or size < 0 else size
+    start = self.tell()
+    line = b""
+    while len(line) < limit:
+      block = self.read(min(self._LINE_BLOCK, limit - len(line)))
+      if not block:
+        break
+      end = block.find(b"\n")
+      if end >= 0:
+        line += block[:end + 1]
+        self.seek(start + len(line))  # give back what was read past the line
+        break
+      line += block
+    return line
+
+  def _check_open(self) -> None:
+    if self.closed:
+      raise ValueError("I/O operation on closed file")
+
+
+class _Writer(io.RawIOBase):
+  """The raw side of a file open for writing; its length goes to the meta server on close."""
+
+  def __init__(self, client: Client, path: str, stat: FileStat, session: str):
+    self._client, self.name, self._stat, self._session = client, path, stat, session
+    self._position = 0
+    self._length = 0
 
   def writable(self) -> bool:
-    return self._session is not None
+    return True
 
   def seekable(self) -> bool:
     return True
@@ -230,15 +324,6 @@ class _RawFile(io.RawIOBase):
     self._position = base + offset
     return self._position
 
-  def readinto(self, buffer) -> int:
-    length = max(0, min(len(buffer), self._length - self._position))
-    if length == 0:
-      return 0
-    data = self._client._run(self._client._read(self._stat, self._position, length))
-    buffer[:length] = data
-    self._position += length
-    return length
-
   def write(self, data) -> int:
     data = bytes(data)
     self._client._run(self._client._write(self._stat, self._position, data))
@@ -247,7 +332,7 @@ class _RawFile(io.RawIOBase):
     return len(data)
 
   def close(self) -> None:
-    if not self.closed and self._session is not None:
+    if not self.closed:
       self._client._meta_call("close_session", inode=self._stat.inode, session=self._session, length=self._length)
     super().close()
 

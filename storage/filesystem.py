@@ -8,8 +8,10 @@
 The URL's netloc is mgmtd's address, as `python -m storage cluster` prints it; paths are the
 cluster's absolute paths. Registered through the `fsspec.specs` entry point (pyproject.toml).
 `mv` is the meta server's atomic rename (a file or a whole directory, in one transaction), not
-fsspec's copy and delete. Files open as "rb" (seekable, read through the client's chunk reads)
-or "wb" (truncating, written chunk-striped through the chains); fsspec adds text modes on top.
+fsspec's copy and delete. Files open as "rb" (seekable and unbuffered: each read is one batch of
+chunk reads, and a handle may be shared between threads, as DuckDB does; see
+`storage.client.SharedReader`) or "wb" (truncating, written chunk-striped through the chains);
+fsspec adds text modes on top.
 """
 
 from __future__ import annotations
@@ -103,7 +105,8 @@ class StorageFileSystem(fsspec.AbstractFileSystem):
       raise ValueError(f"mode must be 'rb' or 'wb' (fsspec adds text modes), got {mode!r}")
     if not autocommit:
       raise NotImplementedError("3fs files are visible as written: fsspec transactions are not supported")
-    return self.client.open(self._path(path), mode)
+    # Reads are unbuffered `SharedReader`s: DuckDB shares one handle between its threads.
+    return self.client.open(self._path(path), mode, buffering=0 if mode == "rb" else -1)
 
   def cat_file(self, path, start=None, end=None, **kwargs):
     path = self._path(path)
