@@ -17,9 +17,48 @@ fsspec adds text modes on top.
 from __future__ import annotations
 
 import posixpath
+import re
+import threading
+
 import fsspec
 
 import storage
+
+
+class _ClientPool:
+  """One `storage.Client` per (address, timeout), shared by every filesystem instance using it.
+
+  fsspec caches instances per thread, so without this each thread would open its own client
+  (an event-loop thread and connections); the client is thread-safe, so one serves them all.
+  """
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._clients: dict[tuple[str, float], list] = {}  # key -> [client, users]
+
+  def acquire(self, address: str, timeout_s: float) -> storage.Client:
+    with self._lock:
+      entry = self._clients.get((address, timeout_s))
+      if entry is None:
+        entry = self._clients[(address, timeout_s)] = [storage.connect(address, timeout_s=timeout_s), 0]
+      entry[1] += 1
+      return entry[0]
+
+  def release(self, address: str, timeout_s: float) -> None:
+    with self._lock:
+      entry = self._clients[(address, timeout_s)]
+      entry[1] -= 1
+      if entry[1] == 0:
+        del self._clients[(address, timeout_s)]
+        entry[0].close()
+
+
+_SHARED_CLIENTS = _ClientPool()
+_GLOB = re.compile(r"[*?[]")  # fsspec's glob characters
+
+
+def _has_glob(path) -> bool:
+  return isinstance(path, str) and bool(_GLOB.search(path))
 
 
 class StorageFileSystem(fsspec.AbstractFileSystem):
@@ -39,7 +78,8 @@ class StorageFileSystem(fsspec.AbstractFileSystem):
       raise ValueError("address (mgmtd's host:port) is required: fsspec.filesystem('3fs', address=...) or a "
                        "3fs://host:port/path URL")
     self.address = address
-    self.client = storage.connect(address, timeout_s=timeout_s)
+    self.client = _SHARED_CLIENTS.acquire(address, timeout_s)
+    self._client_key = (address, timeout_s)
 
   @staticmethod
   def _split(url: str) -> tuple[str, str]:
@@ -70,8 +110,10 @@ class StorageFileSystem(fsspec.AbstractFileSystem):
     return self._strip_protocol(path)
 
   def close(self) -> None:
-    """Closes the client and drops this instance from fsspec's cache (a later `filesystem(...)` connects anew)."""
-    self.client.close()
+    """Drops this instance from fsspec's cache, and closes the client when no other instance uses it."""
+    if self._client_key is not None:
+      _SHARED_CLIENTS.release(*self._client_key)
+      self._client_key = None
     type(self)._cache.pop(self._fs_token, None)
 
   def unstrip_protocol(self, name: str) -> str:
@@ -131,15 +173,46 @@ class StorageFileSystem(fsspec.AbstractFileSystem):
     self.client.rmdir(self._path(path))
 
   def rm(self, path, recursive=False, maxdepth=None):
-    paths = self.expand_path(path, recursive=recursive, maxdepth=maxdepth)
-    for p in sorted(paths, key=lambda p: p.count("/"), reverse=True):  # children before their directories
-      if self.isdir(p):
-        self.rmdir(p)
+    if isinstance(path, (list, tuple)) or _has_glob(path) or maxdepth is not None:
+      paths = self.expand_path(path, recursive=recursive, maxdepth=maxdepth)
+      for p in sorted(paths, key=lambda p: p.count("/"), reverse=True):  # children before their directories
+        if self.isdir(p):
+          self.rmdir(p)
+        else:
+          self.rm_file(p)
+      return
+    path = self._path(path)
+    if not self.client.stat(path).is_dir:
+      self.client.remove(path)
+    elif not recursive:
+      raise IsADirectoryError(f"is a directory (pass recursive=True): {path}")
+    else:
+      self._rm_tree(path)
+
+  def _rm_tree(self, path: str) -> None:
+    for entry in self.ls(path, detail=True):  # the listing's types: no second stat per entry
+      if entry["type"] == "directory":
+        self._rm_tree(entry["name"])
       else:
-        self.rm_file(p)
+        self.client.remove(entry["name"])
+    self.client.rmdir(path)
 
   def mv(self, path1, path2, recursive=False, maxdepth=None, **kwargs):
-    """The meta server's atomic rename of a file or a whole directory (not a copy)."""
+    """The meta server's atomic rename of a file or a whole directory (not a copy).
+
+    Several sources (a list or a glob), or a `path2` ending in "/", move into the directory
+    `path2` under their own names, one rename each; `path2` must then exist.
+    """
+    if isinstance(path1, (list, tuple)) or _has_glob(path1) or str(path2).endswith("/"):
+      sources = self.glob(path1) if _has_glob(path1) else (
+          [path1] if isinstance(path1, str) else list(path1))
+      target = self._path(path2)
+      if not self.isdir(target):
+        raise NotADirectoryError(f"moving {len(sources)} path(s) into {path2}, which is not a directory")
+      for source in sources:
+        source = self._path(source)
+        self.client.rename(source, posixpath.join(target, posixpath.basename(source)))
+      return
     self.client.rename(self._path(path1), self._path(path2))
 
   def modified(self, path):

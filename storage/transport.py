@@ -63,6 +63,8 @@ def error_payload(err: BaseException) -> dict:
   if isinstance(err, ConnectionError):  # a peer of the server is away: worth a retry by the caller
     return {"kind": "unavailable", "message": str(err) or type(err).__name__}
   kind = next((k for cls, k in _KIND_OF.items() if isinstance(err, cls)), "storage")
+  if kind == "storage" and isinstance(err, OSError) and err.errno:  # e.g. ENOTEMPTY: an OSError with its errno
+    return {"kind": "os", "errno": err.errno, "message": err.strerror or str(err)}
   return {"kind": kind, "message": str(err) or type(err).__name__}
 
 
@@ -71,6 +73,8 @@ def raise_error(error: dict) -> None:
   kind, message = error.get("kind", "storage"), error.get("message", "")
   if kind in _KINDS:
     raise _KINDS[kind](message)
+  if kind == "os" and isinstance(error.get("errno"), int):
+    raise OSError(error["errno"], message)
   raise StorageError(message, kind)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import threading
+
 import duckdb
 import fsspec
 import pyarrow as pa
@@ -75,3 +78,32 @@ def test_ls_info_mv_rm(fs):
 def test_an_address_is_required():
   with pytest.raises(ValueError, match="address"):
     StorageFileSystem(skip_instance_cache=True)
+
+
+def test_mv_into_a_directory_rm_and_rmdir_errors(fs):
+  fs.makedirs("/many/into", exist_ok=True)
+  for name in ("a.txt", "b.txt", "c.bin"):
+    fs.pipe_file(f"/many/{name}", name.encode())
+  fs.mv("/many/*.txt", "/many/into")                     # a glob: each under its own name
+  assert fs.ls("/many/into", detail=False) == ["/many/into/a.txt", "/many/into/b.txt"]
+  fs.mv(["/many/c.bin"], "/many/into/")
+  assert fs.cat_file("/many/into/c.bin") == b"c.bin"
+  with pytest.raises(NotADirectoryError):
+    fs.mv(["/many/into/c.bin"], "/many/missing")
+  with pytest.raises(OSError) as err:
+    fs.rmdir("/many")                                    # ENOTEMPTY crosses the wire as an OSError
+  assert err.value.errno == errno.ENOTEMPTY
+  with pytest.raises(IsADirectoryError):
+    fs.rm("/many")
+  fs.rm("/many", recursive=True)
+  assert not fs.exists("/many")
+
+
+def test_instances_in_other_threads_share_one_client(fs):
+  others = []
+  thread = threading.Thread(target=lambda: others.append(fsspec.filesystem("3fs", address=fs.address)))
+  thread.start()
+  thread.join()
+  assert others[0] is not fs and others[0].client is fs.client  # fsspec caches per thread; the client is shared
+  others[0].close()
+  assert fs.exists("/")                                  # the other instance's close left this one's client open

@@ -1,0 +1,267 @@
+"""The KV-cache store on a loopback cluster: round trips, prefix hits, LRU eviction, crashed and late
+writers, readers racing eviction, bad input, and several processes sharing one store."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+
+import numpy as np
+import pytest
+
+import storage
+from storage.kv import EtcdKV, MemoryKV, SqliteKV
+from storage.kvcache import KVCacheStore, prefix_hashes
+from storage.kvcache_index import Index
+from tests.storage.local_cluster import LocalCluster
+
+PAGE = 4096
+
+
+def page_of(key: bytes) -> bytes:
+  """A page that names its key: a read of the wrong page is loud."""
+  return (key * (PAGE // len(key) + 1))[:PAGE]
+
+
+def key(i: int) -> bytes:
+  return f"key-{i:04d}".encode().ljust(16, b".")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+  with LocalCluster(tmp_path_factory.mktemp("cluster")) as c:
+    yield c
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+  with storage.connect(cluster.address) as c:
+    yield c
+
+
+@pytest.fixture
+def make_store(client, tmp_path, request):
+  """A store under a root of its own, over a SQLite index in the test's directory."""
+  kv = SqliteKV(tmp_path / "index.db")
+  count = iter(range(100))
+  def make(**kwargs) -> KVCacheStore:
+    kwargs.setdefault("page_bytes", PAGE)
+    kwargs.setdefault("touch_interval_s", 0.0)
+    root = kwargs.pop("root", f"/{request.node.name}-{next(count)}")
+    return KVCacheStore(client, kv, root, **kwargs)
+  yield make
+  kv.close()
+
+
+def test_prefix_hashes_chain_full_blocks():
+  tokens = np.arange(10)
+  keys = prefix_hashes(tokens, 4)
+  assert len(keys) == 2 and all(len(k) == 16 for k in keys)  # the partial last block gets no key
+  assert prefix_hashes(list(range(10)), 4) == keys  # a list and an array agree
+  assert prefix_hashes(tokens[4:], 4, parent=keys[0]) == keys[1:]  # a chain continues from its parent
+  other = tokens.copy()
+  other[0] = 99
+  changed = prefix_hashes(other, 4)
+  assert changed[0] != keys[0] and changed[1] != keys[1]  # a key pins its whole prefix
+  assert prefix_hashes(tokens[4:8], 4) != keys[1:]  # the same block after another prefix differs
+  assert prefix_hashes(tokens[:3], 4) == []
+  with pytest.raises(ValueError, match="block_size"):
+    prefix_hashes(tokens, 0)
+  with pytest.raises(ValueError, match="parent"):
+    prefix_hashes(tokens, 4, parent=b"short")
+  with pytest.raises(ValueError, match="tokens"):
+    prefix_hashes(np.zeros((2, 4), np.int32), 4)
+
+
+def test_put_get_round_trip_and_batched_reads(make_store):
+  store = make_store(capacity_pages=8, num_files=3)
+  assert store.put(key(0), page_of(key(0)))
+  assert store.put(key(1), np.frombuffer(page_of(key(1)), np.uint32))  # any dtype of page_bytes bytes
+  assert not store.put(key(0), page_of(key(0)))  # cached already: not rewritten
+  assert store.get(key(0)) == page_of(key(0)) and store.get(key(1)) == page_of(key(1))
+  assert store.get(key(9)) is None
+  stored = store.put_many([key(i) for i in range(2, 6)], np.stack([np.frombuffer(page_of(key(i)), np.uint8)
+                                                                   for i in range(2, 6)]))
+  assert stored.tolist() == [True] * 4
+  out = np.full((4, PAGE), 0xAB, np.uint8)
+  found, pages = store.get_many([key(5), key(9), key(2), key(5)], out=out)
+  assert pages is out and found.tolist() == [True, False, True, True]
+  assert out[0].tobytes() == page_of(key(5)) and out[2].tobytes() == page_of(key(2))
+  assert (out[1] == 0xAB).all()  # a miss leaves its row alone
+  stats = store.stats()
+  assert (stats.capacity_pages, stats.used_pages, stats.evictions) == (8, 6, 0)
+  assert (stats.hits, stats.misses) == (5, 2)
+  for i, path in enumerate(store._paths):  # slots spread round robin over preallocated files
+    slots = (8 - i + 2) // 3
+    assert store.client.stat(path).size == slots * store.slot_bytes
+
+
+def test_batch_exists_counts_the_cached_prefix(make_store):
+  store = make_store(capacity_pages=8)
+  keys = [key(i) for i in range(5)]
+  store.put_many([keys[0], keys[1], keys[3]], [page_of(keys[0]), page_of(keys[1]), page_of(keys[3])])
+  assert store.batch_exists(keys) == 2  # stops at the first miss: keys[3] does not count
+  assert store.batch_exists(keys[3:4]) == 1 and store.batch_exists([]) == 0
+  assert store.exists(keys[1]) and not store.exists(keys[2])
+
+
+def test_delete_and_clear_free_slots_for_reuse(make_store):
+  store = make_store(capacity_pages=4)
+  store.put_many([key(i) for i in range(4)], [page_of(key(i)) for i in range(4)])
+  assert store.delete(key(0)) and not store.delete(key(0))
+  assert store.get(key(0)) is None and store.stats().used_pages == 3
+  assert store.put(key(7), page_of(key(7)))  # the freed slot, not an eviction
+  assert store.stats().evictions == 0 and store.get(key(7)) == page_of(key(7))
+  assert store.clear(batch=3) == 4
+  assert store.stats().used_pages == 0 and store.batch_exists([key(1)]) == 0
+  assert store.put_many([key(i) for i in range(10, 14)], [page_of(key(i)) for i in range(10, 14)]).all()
+  assert store.stats().evictions == 0
+
+
+def test_full_store_evicts_the_least_recently_used(make_store):
+  store = make_store(capacity_pages=4)
+  for i in range(4):
+    store.put(key(i), page_of(key(i)))
+  assert store.get(key(0)) == page_of(key(0))  # key 0 is now the most recently used
+  assert store.put(key(4), page_of(key(4)))
+  assert not store.exists(key(1))  # the oldest unused page went
+  assert all(store.get(key(i)) == page_of(key(i)) for i in (0, 2, 3, 4))
+  assert store.stats().evictions == 1 and store.stats().used_pages == 4
+  # A batch never evicts its own pages: with room for 4, the fifth waits for a later call.
+  stored = store.put_many([key(i) for i in range(20, 25)], [page_of(key(i)) for i in range(20, 25)])
+  assert stored.sum() == 4 and store.stats().evictions == 5
+
+
+def test_reader_racing_eviction_reads_a_miss_never_another_page(make_store):
+  store = make_store(capacity_pages=1)
+  store.put(key(0), page_of(key(0)))
+  entries = store._index.lookup([key(0)])  # a reader looked key 0 up ...
+  assert store.put(key(1), page_of(key(1)))  # ... then it was evicted and its slot rewritten ...
+  staging, status = store._read_slots([key(0)], entries)  # ... before the reader's data read
+  assert staging[0, :PAGE].tobytes() == page_of(key(1))  # the race did happen: key 1's bytes came back
+  assert status == [1]  # and the trailer check rejects them
+  store._after_read([key(0)], entries, status)  # the entry changed: key 1's page is not dropped
+  assert store.get(key(1)) == page_of(key(1)) and store.stats().dropped == 0
+
+
+def test_crashed_writer_slot_is_reclaimed_and_a_late_write_is_harmless(make_store):
+  store = make_store(capacity_pages=1, pending_timeout_s=0.5)
+  index = store._index
+  crashed = index.allocate([key(0)], capacity=1, pending_timeout_s=0.5, instance=b"w" * 16)
+  assert crashed[0] is not None and not store.exists(key(0)) and store.get(key(0)) is None  # pending: invisible
+  assert not store.put(key(1), page_of(key(1)))  # the only slot is being written: not handed out
+  assert not store.put(key(0), page_of(key(0)))  # nor the key another writer holds
+  time.sleep(0.6)
+  assert store.put(key(1), page_of(key(1)))  # past the timeout the slot is recycled
+  assert store.stats().reclaimed == 1 and store.get(key(1)) == page_of(key(1))
+  # The "crashed" writer was only slow: its write lands on the recycled slot, its confirm fails.
+  late = page_of(key(0))
+  store.client._run(store._write_slots([crashed[0].slot], [late + store._trailer(key(0), crashed[0].nonce, late)]))
+  assert index.confirm([key(0)], crashed) == [False] and not store.exists(key(0))
+  assert store.get(key(1)) is None  # key 1's page is gone, but no other page's bytes are returned
+  assert store.stats().dropped == 1 and not store.exists(key(1))  # and the damaged entry left the index
+  assert store.put(key(1), page_of(key(1))) and store.get(key(1)) == page_of(key(1))
+
+
+def test_bad_input_raises_value_error_naming_the_argument(make_store, client):
+  store = make_store(capacity_pages=2)
+  with pytest.raises(ValueError, match="page"):
+    store.put(key(0), b"x" * (PAGE - 1))
+  with pytest.raises(ValueError, match="page"):
+    store.put(key(0), [0] * PAGE)
+  with pytest.raises(ValueError, match="key"):
+    store.put("text", page_of(key(0)))
+  with pytest.raises(ValueError, match="key"):
+    store.get(b"")
+  with pytest.raises(ValueError, match="distinct"):
+    store.put_many([key(0), key(0)], [page_of(key(0))] * 2)
+  with pytest.raises(ValueError, match="pages"):
+    store.put_many([key(0), key(1)], np.zeros((2, PAGE), np.int8))
+  with pytest.raises(ValueError, match="pages"):
+    store.put_many([key(0), key(1)], [page_of(key(0))])
+  with pytest.raises(ValueError, match="out"):
+    store.get_many([key(0)], out=np.zeros((2, PAGE), np.uint8))
+  for kwargs, name in (({"capacity_pages": 0}, "capacity_pages"), ({"page_bytes": -1}, "page_bytes"),
+                       ({"num_files": 0}, "num_files"), ({"pending_timeout_s": 0}, "pending_timeout_s"),
+                       ({"touch_interval_s": -1}, "touch_interval_s"), ({"root": "relative"}, "root")):
+    with pytest.raises(ValueError, match=name):
+      make_store(**{"capacity_pages": 2, **kwargs})
+  root = store.root
+  with pytest.raises(ValueError, match="page_bytes"):  # an existing store's geometry is fixed
+    make_store(root=root, capacity_pages=2, page_bytes=2 * PAGE)
+  with pytest.raises(ValueError, match="capacity_pages"):
+    make_store(root=root, capacity_pages=3)
+  with pytest.raises(ValueError, match="page_bytes"):  # None adopts, but there is nothing to adopt
+    make_store(page_bytes=None, capacity_pages=None)
+  store.put(key(0), page_of(key(0)))
+  reopened = make_store(root=root, page_bytes=None, capacity_pages=None)
+  assert reopened.capacity_pages == 2 and reopened.get(key(0)) == page_of(key(0))  # reopening keeps pages
+
+
+@pytest.fixture(params=["memory", "sqlite", "etcd"])
+def engine(request, tmp_path):
+  if request.param == "etcd":
+    kv = EtcdKV(request.getfixturevalue("etcd_endpoint"))
+  else:
+    kv = MemoryKV() if request.param == "memory" else SqliteKV(tmp_path / "index.db")
+  yield kv
+  kv.close()
+
+
+def test_index_protocol_on_every_kv_engine(engine, tmp_path):
+  index = Index(engine, b"kvcache\0/" + tmp_path.name.encode() + b"\0")  # etcd is shared by the session
+  keys = [key(i) for i in range(3)]
+  entries = index.allocate(keys, capacity=2, pending_timeout_s=30, instance=b"i" * 16)
+  assert [e is not None for e in entries] == [True, True, False]
+  assert sorted(e.slot for e in entries[:2]) == [0, 1] and index.lookup(keys) == [None] * 3
+  assert index.confirm(keys[:2], entries[:2]) == [True, True]
+  assert index.leading_ready(keys) == 2 and index.usage() == (2, 0, 0)
+  third = index.allocate(keys[2:], capacity=2, pending_timeout_s=30, instance=b"i" * 16)
+  assert third[0].slot == entries[0].slot  # the least recently used slot (confirmed first)
+  assert index.confirm(keys[2:], third) == [True] and index.lookup(keys[:1]) == [None]
+  assert index.usage() == (2, 1, 0) and index.delete(keys) == 2 and index.usage() == (0, 1, 0)
+
+
+def _hammer(address: str, kv_path: str, root: str, seed: int, ops: int, queue) -> None:
+  """One process of the shared-store test: random puts, batched gets, prefix checks, deletes."""
+  try:
+    rng = np.random.default_rng(seed)
+    kv = SqliteKV(kv_path)
+    counts = {"hits": 0, "stored": 0, "reads": 0}
+    with storage.connect(address) as client:
+      store = KVCacheStore(client, kv, root, page_bytes=PAGE, capacity_pages=12, touch_interval_s=0.0)
+      for _ in range(ops):
+        picked = [key(int(i)) for i in rng.choice(30, size=4, replace=False)]
+        action = rng.random()
+        if action < 0.4:
+          counts["stored"] += int(store.put_many(picked, [page_of(k) for k in picked]).sum())
+        elif action < 0.9:
+          found, pages = store.get_many(picked)
+          counts["reads"] += len(picked)
+          for k, hit, page in zip(picked, found, pages):
+            if hit and page.tobytes() != page_of(k):
+              raise AssertionError(f"get_many({k!r}) returned another page: {page[:16].tobytes()!r}")
+            counts["hits"] += int(hit)
+          store.batch_exists(picked)
+        else:
+          store.delete(picked[0])
+    kv.close()
+    queue.put(("ok", counts))
+  except BaseException as err:  # the parent asserts on it
+    queue.put(("error", repr(err)))
+
+
+def test_processes_share_one_store_and_never_read_a_wrong_page(cluster, client, tmp_path):
+  ctx = multiprocessing.get_context("spawn")
+  queue = ctx.Queue()
+  KVCacheStore(client, SqliteKV(tmp_path / "index.db"), "/shared", page_bytes=PAGE, capacity_pages=12)
+  procs = [ctx.Process(target=_hammer, args=(cluster.address, str(tmp_path / "index.db"), "/shared", seed, 80,
+                                             queue)) for seed in range(3)]
+  for p in procs:
+    p.start()
+  results = [queue.get(timeout=120) for _ in procs]
+  for p in procs:
+    p.join(timeout=30)
+  assert all(kind == "ok" for kind, _ in results), results
+  counts = [c for _, c in results]
+  assert sum(c["stored"] for c in counts) > 12 and sum(c["hits"] for c in counts) > 0  # evictions and hits happened
