@@ -52,11 +52,11 @@ class Session:
     if "memory" in _protocols(self.fs) and (ray_address is not None or num_executors > 1):
       raise ValueError(f"{data_root=} is a per-process memory filesystem: it needs num_executors <= 1 and no "
                        "ray_address")
+    self.executor = make_executor(num_executors, ray_address)  # first: it may fail (no Ray) before files exist
     job_id = job_id or f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     self.data_root, self.job_dir = data_root, posixpath.join(root, job_id)
     self.fs.makedirs(posixpath.join(self.job_dir, "staging"), exist_ok=True)
     self.remove_staging = remove_staging
-    self.executor = make_executor(num_executors, ray_address)
     # Each DuckDB task gets its share of the cores, so parallel tasks do not oversubscribe them.
     self.duckdb_threads = max(1, (os.cpu_count() or 1) // self.executor.num_workers)
     self._num_stages = 0

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+
 import fsspec
 import jax
 import jax.numpy as jnp
@@ -122,3 +126,36 @@ def test_host_values_other_filesystems_and_the_old_fallback(tmp_path):
     ckpt.save({"bad": np.array([object()])}, str(tmp_path / "bad"))
   with pytest.raises(ValueError, match="root"):
     ckpt.save(tree, "memory://")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _two_processes(path: str, mode: str) -> list[str]:
+  coordinator = f"127.0.0.1:{_free_port()}"
+  procs = [subprocess.Popen([sys.executable, "-m", "tests.storage.checkpoint_worker", coordinator, str(i), path, mode],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0 and "OK" in out, out[-3000:]
+  return outputs
+
+
+@pytest.mark.parametrize("where", ["local", "cluster"])
+def test_two_processes_save_their_shards_and_restore_onto_another_mesh(where, tmp_path, cluster):
+  path = str(tmp_path / "ckpt") if where == "local" else f"3fs://{cluster.address}/two-{id(tmp_path)}/ckpt"
+  _two_processes(path, "save_restore")
+
+
+def test_a_failure_on_one_process_raises_on_every_process(tmp_path):
+  """Process 1's shard writes fail: it raises its error, process 0 raises naming it (no hang), the old checkpoint stays."""
+  outputs = _two_processes(str(tmp_path / "ckpt"), "fail")
+  assert "RAISED OSError: simulated disk failure on process 1" in outputs[1], outputs[1][-2000:]
+  assert "RAISED RuntimeError" in outputs[0] and "process(es) [1] while writing shards" in outputs[0], outputs[0][-2000:]
