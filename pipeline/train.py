@@ -43,7 +43,9 @@ flags.DEFINE_bool("fp8", False, "attention and dense-MLP projections compute in 
 flags.DEFINE_integer("seed", 0, "initialization and data order")
 flags.DEFINE_list("data", [], "text files or globs (default: the Python standard library's .py files)")
 flags.DEFINE_integer("max_corpus_mb", 64, "read at most this much text")
-flags.DEFINE_string("checkpoint_dir", None, "where checkpoints go (step_NNNNNNNN/ subdirectories)")
+flags.DEFINE_string("checkpoint_dir", None, "where checkpoints go (step_NNNNNNNN/ subdirectories): a local "
+                    "directory (safetensors, what serving loads) or a URL such as 3fs://HOST:PORT/dir (the sharded "
+                    "train state, through storage.checkpoint)")
 flags.DEFINE_integer("checkpoint_every", 0, "steps between checkpoints (0: only at the end)")
 flags.DEFINE_bool("resume", False, "continue from the latest checkpoint in --checkpoint_dir")
 flags.DEFINE_integer("log_every", 10, "steps between log lines")

@@ -9,9 +9,11 @@ applies AdamW with warmup and cosine decay (optax) to its own parameters. Norm w
 router's bias are not decayed. DualPipe holds every stage twice (once per direction): the two
 copies' gradients are summed, so both take the same update.
 
-Checkpoints are the model's own safetensors format (`model.save_pretrained`) in
-`{dir}/step_{n:08d}/`, with the optimizer state (`optimizer.safetensors`) and
-`trainer_state.json` beside it; `restore` continues from the latest.
+Checkpoints go to `{dir}/step_{n:08d}/` with `trainer_state.json`, and `restore` continues
+from the latest. In a local directory they are the model's own safetensors format
+(`model.save_pretrained`, gathered to the host) with the optimizer state beside it
+(`optimizer.safetensors`). At a URL (`3fs://HOST:PORT/...` for the storage cluster) they are
+the sharded train state (`storage.checkpoint`), written by every process in parallel.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import fsspec
 import safetensors.numpy
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -38,9 +41,11 @@ from pipeline import schedules
 from pipeline.executor import layout_params, pipeline_step
 from pipeline.model_stages import Partition
 from pipeline.plan import make_plan
+from storage import checkpoint as storage_checkpoint
 
 STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.safetensors"
+TRAIN_STATE = "train_state"  # storage.checkpoint of {params, opt_state}, in checkpoints at URLs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,7 +228,14 @@ class Trainer:
     return self.model
 
   def save(self, directory: str) -> str:
-    """Writes `{directory}/step_{n:08d}` (model, optimizer, trainer state); returns its path."""
+    """Writes `{directory}/step_{n:08d}` (model, optimizer, trainer state); returns its path.
+
+    A local directory gets the model's safetensors format (what serving loads). A URL
+    (`3fs://HOST:PORT/...`, or any fsspec URL) gets the sharded train state instead
+    (`storage.checkpoint`: each process writes its own shards, nothing is gathered).
+    """
+    if _is_url(directory):
+      return self._save_sharded(directory)
     path = os.path.join(directory, f"step_{self.step_count:08d}")
     model_lib.save_pretrained(self.model_with_params(), path, overwrite=True)
     leaves = jax.tree.leaves(self.opt_state)
@@ -232,7 +244,18 @@ class Trainer:
       safetensors.numpy.save_file({f"{i:05d}": a for i, a in enumerate(host)}, os.path.join(path, OPTIMIZER))
       ByteTokenizer().save_pretrained(path)  # the corpus is byte-tokenized: serving reads this
       with open(os.path.join(path, STATE), "w") as f:
-        json.dump({"step": self.step_count, "config": dataclasses.asdict(self.config)}, f, indent=2)
+        json.dump(self._state(), f, indent=2)
+    return path
+
+  def _state(self) -> dict:
+    return {"step": self.step_count, "config": dataclasses.asdict(self.config)}
+
+  def _save_sharded(self, directory: str) -> str:
+    path = f"{directory.rstrip('/')}/step_{self.step_count:08d}"
+    storage_checkpoint.save({"params": self.params, "opt_state": self.opt_state}, f"{path}/{TRAIN_STATE}")
+    if jax.process_index() == 0:  # last: a step directory with this file is complete
+      fs, root = fsspec.core.url_to_fs(path)
+      fs.pipe_file(f"{root}/{STATE}", json.dumps(self._state(), indent=2).encode())
     return path
 
   def restore(self, directory: str) -> int:
@@ -240,8 +263,13 @@ class Trainer:
     latest = latest_checkpoint(directory)
     if latest is None:
       return 0
-    with open(os.path.join(latest, STATE)) as f:
-      saved = json.load(f)
+    fs, root = fsspec.core.url_to_fs(latest)
+    saved = json.loads(fs.cat_file(f"{root}/{STATE}"))
+    if _is_url(directory):  # the sharded train state, straight onto this mesh
+      state = storage_checkpoint.restore(f"{latest}/{TRAIN_STATE}", {"params": self.params, "opt_state": self.opt_state})
+      self.params, self.opt_state = state["params"], state["opt_state"]
+      self.step_count = int(saved["step"])
+      return self.step_count
     loaded = model_lib.from_pretrained(latest, dtype=jnp.float32, mtp=self.model.config.num_nextn_predict_layers > 0)
     if self.config.fp8:
       use_fp8_training(loaded)  # like the model it replaces
@@ -258,13 +286,24 @@ class Trainer:
     return self.step_count
 
 
+def _is_url(directory: str) -> bool:
+  return "://" in directory
+
+
 def latest_checkpoint(directory: str) -> str | None:
-  """The `step_*` subdirectory with the highest step that holds a complete trainer state, or None."""
-  if not os.path.isdir(directory):
+  """The `step_*` subdirectory (a local path or a URL, like `directory`) with the highest step that holds a complete trainer state, or None."""
+  fs, root = fsspec.core.url_to_fs(directory)
+  if not fs.isdir(root):
     return None
-  steps = [(int(m.group(1)), name) for name in os.listdir(directory)
-           if (m := re.fullmatch(r"step_(\d+)", name)) and os.path.exists(os.path.join(directory, name, STATE))]
-  return os.path.join(directory, max(steps)[1]) if steps else None
+  steps = []
+  for entry in fs.ls(root, detail=False):
+    name = entry.rstrip("/").rsplit("/", 1)[-1]
+    if re.fullmatch(r"step_(\d+)", name) and fs.exists(f"{root.rstrip('/')}/{name}/{STATE}"):
+      steps.append((int(name[len("step_"):]), name))
+  if not steps:
+    return None
+  name = max(steps)[1]
+  return f"{directory.rstrip('/')}/{name}" if _is_url(directory) else os.path.join(directory, name)
 
 
 def _stage_params(plan, rank_params, num_stages: int):

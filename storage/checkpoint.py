@@ -227,9 +227,9 @@ class _LeafPlan(NamedTuple):
 
 def _restore_plan(name: str, leaf, entry: dict) -> _LeafPlan:
   shape, dtype = tuple(entry["shape"]), np.dtype(entry["dtype"])
-  if tuple(np.shape(leaf)) != shape or np.result_type(leaf) != dtype:
-    raise ValueError(f"leaf {name}: checkpoint has {dtype}{list(shape)}, target {np.result_type(leaf)}"
-                     f"{list(np.shape(leaf))}")
+  leaf_dtype = np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else np.result_type(leaf)  # a Python scalar has none
+  if tuple(np.shape(leaf)) != shape or leaf_dtype != dtype:
+    raise ValueError(f"leaf {name}: checkpoint has {dtype}{list(shape)}, target {leaf_dtype}{list(np.shape(leaf))}")
   sharding = getattr(leaf, "sharding", None)
   if entry["sharding"] == "host" or sharding is None:  # saved from, or wanted as, a host value: numpy
     sharding, slices = None, [tuple(slice(None) for _ in shape)]

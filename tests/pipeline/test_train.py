@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -16,6 +17,7 @@ from flax import nnx
 import model
 from pipeline.data import TokenCorpus
 from pipeline.trainer import TrainConfig, Trainer, latest_checkpoint
+from tests.storage.local_cluster import LocalCluster
 
 SMALL = dict(chunks=2, micro_batch=8, seq_len=16, steps=10, warmup_steps=1)
 
@@ -91,6 +93,24 @@ def test_resume_continues_exactly(corpus, tmp_path):
   resumed = Trainer(config)
   assert resumed.restore(str(tmp_path)) == 2
   _assert_same_metrics([resumed.step(_windows(corpus, config, 2))], metrics[2:], rtol=1e-6)
+
+
+def test_checkpoints_at_a_url_hold_the_sharded_train_state(tmp_path):
+  """On the storage cluster (`3fs://`): the restored parameters and optimizer state equal the saved ones bit for bit."""
+  config = TrainConfig(pp=2, ep=2, schedule="1f1b", **{**SMALL, "chunks": 4, "micro_batch": 4})
+  trainer = Trainer(config)
+  trainer.step_count = 3  # as if it had trained: the state to save is the initial one, no compile needed
+  with LocalCluster(tmp_path, gc_delay_s=0.0) as cluster:
+    url = f"3fs://{cluster.address}/runs/a"
+    assert latest_checkpoint(url) is None
+    path = trainer.save(url)
+    assert path == f"{url}/step_00000003" and latest_checkpoint(url) == path
+    resumed = Trainer(dataclasses.replace(config, seed=config.seed + 1))  # other initial values
+    assert resumed.restore(url) == 3
+  for name in ("params", "opt_state"):
+    for got, want in zip(jax.tree.leaves(getattr(resumed, name)), jax.tree.leaves(getattr(trainer, name))):
+      assert got.sharding == want.sharding
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def _free_port() -> int:
