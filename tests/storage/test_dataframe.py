@@ -191,6 +191,17 @@ def test_memory_root_runs_inline_only():
     assert inline.from_items([1, 2, 3]).to_arrow().column("item").to_pylist() == [1, 2, 3]
 
 
+def test_ray_missing_is_a_clear_error(tmp_path):
+  try:
+    import ray  # noqa: F401
+    pytest.skip("Ray is installed here: the error for a missing Ray cannot be shown")
+  except ImportError:
+    pass
+  with pytest.raises(ImportError, match="ray_address='local' needs Ray"):
+    Session(str(tmp_path), ray_address="local")
+  assert not os.listdir(tmp_path)  # nothing staged by a session that could not start
+
+
 def test_ray_executor(tmp_path):
   pytest.importorskip("ray", reason="Ray is an optional dependency (pip install 'ray>=2.10'); not installed here")
   with Session(str(tmp_path), ray_address="local") as ray_sess:
@@ -211,7 +222,8 @@ def test_on_a_local_cluster_through_3fs(tmp_path_factory):
     with Session(f"{url}/jobs", num_executors=2) as remote:
       df = remote.read_parquet(f"{url}/data/*.parquet").repartition(3, hash_by=["key", "tag"])
       assert df.count() == 1000
-      assert any(fs.ls(f"{remote.job_dir}/staging", detail=False))  # the shuffle's files are on the cluster
+      shuffled = [p for p in fs.find(f"{remote.job_dir}/staging") if "repartition" in p]
+      assert shuffled and all(p.endswith(".parquet") for p in shuffled)  # the shuffle's files are on the cluster
       query = "SELECT key, tag, count(*) AS n, min(id) AS first FROM {0} GROUP BY key, tag"
       remote.partial_sql(query, df).write_parquet(f"{url}/out")
       got = pq.read_table("/out", filesystem=fs)
