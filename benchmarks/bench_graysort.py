@@ -31,8 +31,8 @@ import pyarrow.parquet as pq
 import xxhash
 from absl import app, flags
 
-from benchmarks.bench_storage import _start_cluster
 from benchmarks.harness import append_results, format_table
+from benchmarks.local_cluster import start_cluster
 
 KEY_BYTES, RECORD_BYTES = 10, 100
 
@@ -108,7 +108,7 @@ def run(data_mb: int = 100, num_inputs: int = 8, num_partitions: int = 8, num_ex
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     root = pathlib.Path(tmp)
-    cluster, address = _start_cluster(root / "cluster")
+    cluster, address = start_cluster(root / "cluster")
     try:
       fs = fsspec.filesystem("3fs", address=address)
       url = f"3fs://{address}"

@@ -16,7 +16,6 @@ import multiprocessing
 import os
 import pathlib
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,18 +24,11 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks.harness import append_results, format_table
+from benchmarks.local_cluster import start_cluster
 
 CHUNK = 1 << 20
 
 
-def _start_cluster(root: pathlib.Path) -> tuple[subprocess.Popen, str]:
-  proc = subprocess.Popen([sys.executable, "-m", "storage", "cluster", "--nodes", "3", "--replicas", "3",
-                           "--data-dir", str(root), "--chunk-size", str(CHUNK)], stdout=subprocess.PIPE, text=True)
-  line = proc.stdout.readline()
-  if "cluster ready" not in line:
-    proc.kill()
-    raise RuntimeError(f"cluster did not start: {line!r}")
-  return proc, line.split()[-1]
 
 
 def _client_job(address: str, path: str, data_mib: int, queue) -> None:
@@ -88,7 +80,7 @@ def run(data_mib: int = 64, clients: int = 4, reads: int = 2000) -> list[dict]:
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     root = pathlib.Path(tmp)
-    cluster, address = _start_cluster(root / "cluster")
+    cluster, address = start_cluster(root / "cluster", chunk_bytes=CHUNK)
     try:
       for n in (1, clients):
         total_mib = data_mib * n

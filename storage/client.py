@@ -20,7 +20,7 @@ import asyncio
 import io
 import threading
 import time
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 from storage.cluster.chain_client import ChainClient
 from storage.cluster.routing import RoutingWatcher
@@ -166,6 +166,23 @@ class Client:
     # A buffer of several chunks: each flush writes them concurrently (different chunks, or chains).
     buffer_size = stat.chunk_size * max(_WRITE_AHEAD_CHUNKS, len(stat.chains))
     return io.BufferedWriter(_Writer(self, path, stat, session), buffer_size=buffer_size)
+
+  def create(self, path: str, *, exclusive: bool = False, truncate: bool = True) -> FileStat:
+    """Creates a file (or opens an existing one: FileExistsError only when `exclusive`); its stat."""
+    return _to_stat(self._meta_call("create", path=path, exclusive=exclusive, truncate=truncate))
+
+  def write_at(self, writes: Sequence[tuple[FileStat, int, bytes]]) -> None:
+    """Writes several (file stat, offset, data) ranges at once, all chains busy together.
+
+    For files laid out in place (a preallocated cache or table): every range must lie within its
+    file's length in the stat, which this does not change (there is no write session).
+    """
+    for stat, offset, data in writes:
+      if offset < 0 or offset + len(data) > stat.size:
+        raise ValueError(f"writes must lie within the file's {stat.size} bytes, got {len(data)} at {offset}")
+    async def all_of():
+      await asyncio.gather(*(self._write(stat, offset, data) for stat, offset, data in writes))
+    self._run(all_of())
 
   def pread(self, path: str, offset: int, length: int) -> bytes:
     if offset < 0 or length < 0:

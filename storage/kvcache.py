@@ -23,19 +23,21 @@ it looked up. A page evicted and rewritten while it was read, a torn page, or a 
 writer whose slot was recycled all fail the check and read as a miss (and a page damaged while
 its entry stayed is dropped from the index).
 
-Cost model per call: `get_many` is one read-only KV transaction, one meta `stat` per data file
-(IoRing's) plus one read per page (a page crossing a chunk boundary is two), a copy out of a
-staging buffer, and one read-write transaction stamping LRU use, skipped for pages stamped
-within `touch_interval_s`. `put_many` is two read-write transactions plus one write per page;
-`batch_exists` one read-only transaction. With SqliteKV every read-write transaction is a write
-lock and an fsync, shared by all processes: batch your calls.
+Cost model per call: `get_many` is one read-only KV transaction; one IoRing submit holding one
+read per run of adjacent slots (a `put_many` of fresh slots lays its pages side by side, so a
+cached prefix is mostly one run; the client splits a run by chunk and reads those in parallel),
+plus IoRing's one meta `stat` per data file; an xxh3 pass and a copy out of a staging buffer per
+page; and one read-write transaction stamping LRU use, skipped for pages stamped within
+`touch_interval_s`. `put_many` is two read-write transactions plus one write per run of
+adjacent slots (each write rewrites its chunks whole on every replica, so scattered single
+pages cost a chunk each). `batch_exists` is one read-only transaction. With SqliteKV every
+read-write transaction takes the one write lock and an fsync for all processes: batch calls.
 
 Concurrency: any number of processes and threads; a store object is thread-safe.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import struct
 import threading
@@ -45,7 +47,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import xxhash
 
-from storage.client import Client, _to_stat
+from storage.client import Client
 from storage.ioring import IoRing
 from storage.kv import KVEngine
 from storage.kvcache_index import Entry, Index
@@ -131,6 +133,8 @@ class KVCacheStore:
       raise ValueError(f"capacity_pages must be below 2**32, got {capacity_pages}")
     if not isinstance(num_files, (int, np.integer)) or num_files < 1:
       raise ValueError(f"num_files must be a positive int, got {num_files!r}")
+    if capacity_pages is not None and num_files > capacity_pages:
+      raise ValueError(f"num_files={num_files} must not exceed capacity_pages={capacity_pages}")
     if not pending_timeout_s > 0:
       raise ValueError(f"pending_timeout_s must be > 0, got {pending_timeout_s!r}")
     if not touch_interval_s >= 0:
@@ -168,7 +172,7 @@ class KVCacheStore:
     stats = []
     for i, path in enumerate(self._paths):
       slots = (self.capacity_pages - i + self.num_files - 1) // self.num_files
-      stat = _to_stat(self.client._meta_call("create", path=path, exclusive=False, truncate=False))
+      stat = self.client.create(path, truncate=False)
       if stat.size < slots * self.slot_bytes:  # grows only: reads as zeros, keeps what others wrote
         stat = self.client.truncate(path, slots * self.slot_bytes)
       stats.append(stat)
@@ -233,7 +237,7 @@ class KVCacheStore:
       return stored
     blobs = [datas[i] + self._trailer(keys[i], entries[i].nonce, datas[i]) for i in taken]
     try:
-      self.client._run(self._write_slots([entries[i].slot for i in taken], blobs))
+      self._write_slots([entries[i].slot for i in taken], blobs)
     except BaseException:
       self._index.release([keys[i] for i in taken], [entries[i] for i in taken])
       raise
@@ -259,9 +263,9 @@ class KVCacheStore:
         runs.append((file, offset, [position]))
     return runs
 
-  async def _write_slots(self, slots: list[int], blobs: list[bytes]) -> None:
-    await asyncio.gather(*(self.client._write(self._stats[file], offset, b"".join(blobs[p] for p in positions))
-                           for file, offset, positions in self._runs(slots)))
+  def _write_slots(self, slots: list[int], blobs: list[bytes]) -> None:
+    self.client.write_at([(self._stats[file], offset, b"".join(blobs[p] for p in positions))
+                          for file, offset, positions in self._runs(slots)])
 
   # -- reads --
   def get(self, key: bytes) -> bytes | None:

@@ -255,3 +255,18 @@ def test_truncating_a_file_being_written_keeps_the_writers_bytes(cluster):
     f.close()
     assert client.pread("/open", 0, 200_000) == b"A" * 200_000
     assert client.stat("/open").size == 1_000_000
+
+
+def test_write_at_writes_ranges_in_place_and_refuses_growth(cluster):
+  with storage.connect(cluster.address) as client:
+    stat = client.create("/table", truncate=False)
+    stat = client.truncate("/table", 200_000)            # preallocated: zeros
+    client.write_at([(stat, 10, b"abc"), (stat, 131_070, b"across")])  # the second crosses a chunk boundary
+    assert client.pread("/table", 8, 7) == b"\0\0abc\0\0"
+    assert client.pread("/table", 131_070, 6) == b"across"
+    assert client.stat("/table").size == 200_000
+    with pytest.raises(ValueError, match="within the file's 200000 bytes"):
+      client.write_at([(stat, 199_999, b"xy")])
+    assert client.create("/table", truncate=False).size == 200_000  # opening again keeps the bytes
+    with pytest.raises(FileExistsError):
+      client.create("/table", exclusive=True)

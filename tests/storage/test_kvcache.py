@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 import storage
+import storage.kvcache
 from storage.kv import EtcdKV, MemoryKV, SqliteKV
 from storage.kvcache import KVCacheStore, prefix_hashes
-from storage.kvcache_index import Index
+from storage.kvcache_index import Index, _unpack
 from tests.storage.local_cluster import LocalCluster
 
 PAGE = 4096
@@ -96,6 +97,25 @@ def test_put_get_round_trip_and_batched_reads(make_store):
     assert store.client.stat(path).size == slots * store.slot_bytes
 
 
+def test_adjacent_slots_are_read_and_written_as_runs(make_store, monkeypatch):
+  store = make_store(capacity_pages=8)
+  keys = [key(i) for i in range(6)]
+  store.put_many(keys, [page_of(k) for k in keys])  # fresh slots 0..5, side by side
+  store.delete(keys[2])
+  assert store.put(key(9), page_of(key(9)))  # into the freed slot 2: a different page mid-run
+  reads = []
+  original = storage.kvcache.IoRing.prepare
+  def counting(ring, path, offset, length, *args, **kwargs):
+    reads.append((offset, length))
+    return original(ring, path, offset, length, *args, **kwargs)
+  monkeypatch.setattr(storage.kvcache.IoRing, "prepare", counting)
+  wanted = [keys[5], keys[0], key(9), keys[1], keys[2], keys[3]]
+  found, pages = store.get_many(wanted)
+  assert found.tolist() == [True, True, True, True, False, True]
+  assert all(pages[i].tobytes() == page_of(k) for i, k in enumerate(wanted) if found[i])
+  assert reads == [(0, 4 * store.slot_bytes), (5 * store.slot_bytes, store.slot_bytes)]  # slots 0-3, then 5
+
+
 def test_batch_exists_counts_the_cached_prefix(make_store):
   store = make_store(capacity_pages=8)
   keys = [key(i) for i in range(5)]
@@ -112,6 +132,7 @@ def test_delete_and_clear_free_slots_for_reuse(make_store):
   assert store.get(key(0)) is None and store.stats().used_pages == 3
   assert store.put(key(7), page_of(key(7)))  # the freed slot, not an eviction
   assert store.stats().evictions == 0 and store.get(key(7)) == page_of(key(7))
+  assert_index_consistent(store)
   assert store.clear(batch=3) == 4
   assert store.stats().used_pages == 0 and store.batch_exists([key(1)]) == 0
   assert store.put_many([key(i) for i in range(10, 14)], [page_of(key(i)) for i in range(10, 14)]).all()
@@ -130,6 +151,7 @@ def test_full_store_evicts_the_least_recently_used(make_store):
   # A batch never evicts its own pages: with room for 4, the fifth waits for a later call.
   stored = store.put_many([key(i) for i in range(20, 25)], [page_of(key(i)) for i in range(20, 25)])
   assert stored.sum() == 4 and store.stats().evictions == 5
+  assert_index_consistent(store)
 
 
 def test_reader_racing_eviction_reads_a_miss_never_another_page(make_store):
@@ -137,7 +159,7 @@ def test_reader_racing_eviction_reads_a_miss_never_another_page(make_store):
   store.put(key(0), page_of(key(0)))
   entries = store._index.lookup([key(0)])  # a reader looked key 0 up ...
   assert store.put(key(1), page_of(key(1)))  # ... then it was evicted and its slot rewritten ...
-  staging, status = store._read_slots([key(0)], entries)  # ... before the reader's data read
+  staging, _, status = store._read_slots([key(0)], entries)  # ... before the reader's data read
   assert staging[0, :PAGE].tobytes() == page_of(key(1))  # the race did happen: key 1's bytes came back
   assert status == [1]  # and the trailer check rejects them
   store._after_read([key(0)], entries, status)  # the entry changed: key 1's page is not dropped
@@ -145,22 +167,23 @@ def test_reader_racing_eviction_reads_a_miss_never_another_page(make_store):
 
 
 def test_crashed_writer_slot_is_reclaimed_and_a_late_write_is_harmless(make_store):
-  store = make_store(capacity_pages=1, pending_timeout_s=0.5)
+  store = make_store(capacity_pages=1, pending_timeout_s=1.0)
   index = store._index
-  crashed = index.allocate([key(0)], capacity=1, pending_timeout_s=0.5, instance=b"w" * 16)
+  crashed = index.allocate([key(0)], capacity=1, pending_timeout_s=1.0, instance=b"w" * 16)
   assert crashed[0] is not None and not store.exists(key(0)) and store.get(key(0)) is None  # pending: invisible
   assert not store.put(key(1), page_of(key(1)))  # the only slot is being written: not handed out
   assert not store.put(key(0), page_of(key(0)))  # nor the key another writer holds
-  time.sleep(0.6)
+  time.sleep(1.1)
   assert store.put(key(1), page_of(key(1)))  # past the timeout the slot is recycled
   assert store.stats().reclaimed == 1 and store.get(key(1)) == page_of(key(1))
   # The "crashed" writer was only slow: its write lands on the recycled slot, its confirm fails.
   late = page_of(key(0))
-  store.client._run(store._write_slots([crashed[0].slot], [late + store._trailer(key(0), crashed[0].nonce, late)]))
+  store._write_slots([crashed[0].slot], [late + store._trailer(key(0), crashed[0].nonce, late)])
   assert index.confirm([key(0)], crashed) == [False] and not store.exists(key(0))
   assert store.get(key(1)) is None  # key 1's page is gone, but no other page's bytes are returned
   assert store.stats().dropped == 1 and not store.exists(key(1))  # and the damaged entry left the index
   assert store.put(key(1), page_of(key(1))) and store.get(key(1)) == page_of(key(1))
+  assert_index_consistent(store)
 
 
 def test_bad_input_raises_value_error_naming_the_argument(make_store, client):
@@ -182,7 +205,8 @@ def test_bad_input_raises_value_error_naming_the_argument(make_store, client):
   with pytest.raises(ValueError, match="out"):
     store.get_many([key(0)], out=np.zeros((2, PAGE), np.uint8))
   for kwargs, name in (({"capacity_pages": 0}, "capacity_pages"), ({"page_bytes": -1}, "page_bytes"),
-                       ({"num_files": 0}, "num_files"), ({"pending_timeout_s": 0}, "pending_timeout_s"),
+                       ({"num_files": 0}, "num_files"), ({"num_files": 3}, "num_files"),
+                       ({"pending_timeout_s": 0}, "pending_timeout_s"),
                        ({"touch_interval_s": -1}, "touch_interval_s"), ({"root": "relative"}, "root")):
     with pytest.raises(ValueError, match=name):
       make_store(**{"capacity_pages": 2, **kwargs})
@@ -220,6 +244,20 @@ def test_index_protocol_on_every_kv_engine(engine, tmp_path):
   assert third[0].slot == entries[0].slot  # the least recently used slot (confirmed first)
   assert index.confirm(keys[2:], third) == [True] and index.lookup(keys[:1]) == [None]
   assert index.usage() == (2, 1, 0) and index.delete(keys) == 2 and index.usage() == (0, 1, 0)
+
+
+def assert_index_consistent(store: KVCacheStore) -> None:
+  """Every slot below the high-water mark is free or held by exactly one entry, with its LRU record."""
+  index = store._index
+  with index.engine.read_only() as txn:
+    raw = txn.get(index.prefix + b"N")
+    handed_out = 0 if raw is None else int.from_bytes(raw, "big")
+    free = [int.from_bytes(k[-4:], "big") for k, _ in txn.get_range(*index._range(b"F"))]
+    entries = {k[len(index.prefix) + 1:]: _unpack(v) for k, v in txn.get_range(*index._range(b"K"))}
+    lru = {k: v for k, v in txn.get_range(*index._range(b"L"))}
+  held = [e.slot for e in entries.values()]
+  assert sorted(free + held) == list(range(handed_out)) and handed_out <= store.capacity_pages
+  assert lru == {index._l(e): bytes([e.ready]) + k for k, e in entries.items()}
 
 
 def _hammer(address: str, kv_path: str, root: str, seed: int, ops: int, queue) -> None:
@@ -265,3 +303,6 @@ def test_processes_share_one_store_and_never_read_a_wrong_page(cluster, client, 
   assert all(kind == "ok" for kind, _ in results), results
   counts = [c for _, c in results]
   assert sum(c["stored"] for c in counts) > 12 and sum(c["hits"] for c in counts) > 0  # evictions and hits happened
+  store = KVCacheStore(client, SqliteKV(tmp_path / "index.db"), "/shared")
+  assert_index_consistent(store)
+  assert store.stats().used_pages == 12 and store.stats().evictions > 0
