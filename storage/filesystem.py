@@ -16,6 +16,7 @@ fsspec adds text modes on top.
 
 from __future__ import annotations
 
+import atexit
 import posixpath
 import re
 import threading
@@ -53,7 +54,19 @@ class _ClientPool:
         entry[0].close()
 
 
+  def close_all(self) -> None:
+    """At exit: closes every client still open, so its event loop's tasks end cleanly."""
+    with self._lock:
+      entries, self._clients = list(self._clients.values()), {}
+    for client, _ in entries:
+      try:
+        client.close()
+      except Exception:  # noqa: BLE001 -- a cluster already gone at exit: nothing left to close
+        pass
+
+
 _SHARED_CLIENTS = _ClientPool()
+atexit.register(_SHARED_CLIENTS.close_all)
 _GLOB = re.compile(r"[*?[]")  # fsspec's glob characters
 
 

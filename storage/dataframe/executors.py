@@ -7,14 +7,11 @@ the worker's exception chained. A worker that dies (killed, out of memory) raise
 
 from __future__ import annotations
 
-import atexit
 import concurrent.futures
 import dataclasses
 import multiprocessing
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
-
-import fsspec
 
 
 class TaskError(RuntimeError):
@@ -36,26 +33,6 @@ def _call(task: Task) -> Any:
 
 def _fail(task: Task, exc: BaseException) -> TaskError:
   return TaskError(f"task {task.name} failed: {type(exc).__name__}: {exc}")
-
-
-def _close_filesystems() -> None:
-  """Closes the filesystems fsspec cached in this worker: a `3fs` one holds a client thread whose
-  pending reads would otherwise be torn down noisily at interpreter exit."""
-  classes, seen = [fsspec.AbstractFileSystem], set()
-  while classes:
-    cls = classes.pop()
-    classes += cls.__subclasses__()
-    for fs in list(getattr(cls, "_cache", {}).values()):
-      if id(fs) not in seen and callable(getattr(fs, "close", None)):
-        seen.add(id(fs))
-        try:
-          fs.close()
-        except Exception:  # exiting anyway: one filesystem's failure must not skip the others
-          pass
-
-
-def _init_worker() -> None:
-  atexit.register(_close_filesystems)
 
 
 class InlineExecutor:
@@ -89,8 +66,7 @@ class ProcessExecutor:
   def _get_pool(self) -> concurrent.futures.ProcessPoolExecutor:
     if self._pool is None:
       self._pool = concurrent.futures.ProcessPoolExecutor(self.num_workers,
-                                                          mp_context=multiprocessing.get_context("spawn"),
-                                                          initializer=_init_worker)
+                                                          mp_context=multiprocessing.get_context("spawn"))
     return self._pool
 
   def run(self, tasks: list[Task]) -> list[Any]:
