@@ -15,7 +15,9 @@ so processes on any host that share the cluster and the KV share one cache.
 Write protocol: `put_many` allocates its slots pending in one transaction (a free slot, a fresh
 one, or the least recently used page, evicted), writes the pages, then confirms them ready in a
 second. Readers only see ready entries, a pending slot is never handed to another writer, and a
-crashed writer's pending slot is recycled after `pending_timeout_s`.
+crashed writer's pending slot is recycled after `pending_timeout_s` (one value for the store,
+kept in the index, so every process agrees). A pending key deleted or cleared (or released after
+a failed write) keeps its slot out of use until then too: its writer may still be writing it.
 
 Reads never return another key's bytes: each slot ends in a 64-byte trailer (magic, the key's
 xxh3-128, the allocation's nonce, the page's xxh3-64) that `get_many` checks against the entry
@@ -28,9 +30,11 @@ read per run of adjacent slots (a `put_many` of fresh slots lays its pages side 
 cached prefix is mostly one run; the client splits a run by chunk and reads those in parallel),
 plus IoRing's one meta `stat` per data file; an xxh3 pass and a copy out of a staging buffer per
 page; and one read-write transaction stamping LRU use, skipped for pages stamped within
-`touch_interval_s`. `put_many` is two read-write transactions plus one write per run of
-adjacent slots (each write rewrites its chunks whole on every replica, so scattered single
-pages cost a chunk each). `batch_exists` is one read-only transaction. With SqliteKV every
+`touch_interval_s`. That stamp is best effort: if it fails (lost races, or the engine fails, e.g.
+SQLite still locked after its `busy_timeout_s`, which it does wait for) it is dropped, and the
+pages read are returned all the same. `put_many` is two read-write transactions plus one write
+per run of adjacent slots (each write rewrites its chunks whole on every replica, so scattered
+single pages cost a chunk each). `batch_exists` is one read-only transaction. With SqliteKV every
 read-write transaction takes the one write lock and an fsync for all processes: batch calls.
 
 Concurrency: any number of processes and threads; a store object is thread-safe.
@@ -38,7 +42,10 @@ Concurrency: any number of processes and threads; a store object is thread-safe.
 
 from __future__ import annotations
 
+import math
 import os
+import posixpath
+import re
 import struct
 import threading
 import time
@@ -57,6 +64,16 @@ _TRAILER = struct.Struct("<4sIQ16sQ")  # magic, page_bytes, nonce, xxh3-128 of t
 _MAGIC = b"KVC1"
 MAX_KEY_BYTES = 256
 _OK, _BAD, _FAILED = 0, 1, 2  # a slot read: trailer matches; trailer does not (not this write); no full read
+_NUM_FILES, _PENDING_TIMEOUT_S = 1, 30.0  # a new store's defaults
+_MAX_SECONDS = 1e9  # time settings above this would overflow nanosecond stamps
+_NUMERIC_KINDS = "biufc"  # numpy dtype kinds a page may be given in: bool, ints, floats, complex
+
+
+def _check_seconds(name: str, value, *, positive: bool) -> None:
+  if (isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating))
+      or not math.isfinite(value) or value < 0 or (positive and value == 0) or value > _MAX_SECONDS):
+    raise ValueError(f"{name} must be a finite number of seconds, {'> 0' if positive else '>= 0'} and at most "
+                     f"{_MAX_SECONDS:g}, got {value!r}")
 
 
 def prefix_hashes(tokens, block_size: int, parent: bytes | None = None) -> list[bytes]:
@@ -110,56 +127,67 @@ class KVCacheStore:
   Args:
     client: a connected `storage.Client`.
     kv: the index's KV engine; every process of the cache must share it (e.g. one SqliteKV path).
-    root: the cluster directory of the data files; it also names the index in `kv`.
+    root: the absolute cluster directory of the data files; it also names the index in `kv`.
+      Spellings of one directory ("/x", "/x/", "//x/./") name one store.
     page_bytes: bytes per page. None adopts the existing store's.
     capacity_pages: pages the store holds before it evicts. None adopts the existing store's.
-    num_files: data files the slots are spread over.
+    num_files: data files the slots are spread over. None adopts the existing store's (1 for a
+      new one).
     pending_timeout_s: a slot pending longer is taken to be a crashed writer's and recycled; it
       must exceed the longest `put_many` (a writer slower than it loses its pages, never
-      corrupts another's).
+      corrupts another's). Kept in the index, as every process must use the same; None adopts
+      the existing store's (30 s for a new one).
     touch_interval_s: a hit on a page stamped within this interval is not stamped again, which
-      bounds LRU writes for hot pages; 0 stamps every hit.
+      bounds LRU writes for hot pages; 0 stamps every hit. Per store object.
   """
 
   def __init__(self, client: Client, kv: KVEngine, root: str = "/kvcache", *, page_bytes: int | None = None,
-               capacity_pages: int | None = None, num_files: int = 1, pending_timeout_s: float = 30.0,
-               touch_interval_s: float = 1.0):
+               capacity_pages: int | None = None, num_files: int | None = None,
+               pending_timeout_s: float | None = None, touch_interval_s: float = 1.0):
     if not isinstance(root, str) or not root.startswith("/") or "\0" in root:
       raise ValueError(f"root must be an absolute cluster path, got {root!r}")
+    # One directory, one index: the index is named by the root's text, so spell it one way
+    # (normpath alone would keep a leading "//").
+    root = posixpath.normpath(re.sub("/+", "/", root))
     for name, value in (("page_bytes", page_bytes), ("capacity_pages", capacity_pages)):
       if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
         raise ValueError(f"{name} must be a positive int or None, got {value!r}")
     if capacity_pages is not None and capacity_pages >= 1 << 32:
       raise ValueError(f"capacity_pages must be below 2**32, got {capacity_pages}")
-    if not isinstance(num_files, (int, np.integer)) or num_files < 1:
-      raise ValueError(f"num_files must be a positive int, got {num_files!r}")
-    if capacity_pages is not None and num_files > capacity_pages:
+    if num_files is not None and (not isinstance(num_files, (int, np.integer)) or num_files < 1):
+      raise ValueError(f"num_files must be a positive int or None, got {num_files!r}")
+    if capacity_pages is not None and num_files is not None and num_files > capacity_pages:
       raise ValueError(f"num_files={num_files} must not exceed capacity_pages={capacity_pages}")
-    if not pending_timeout_s > 0:
-      raise ValueError(f"pending_timeout_s must be > 0, got {pending_timeout_s!r}")
-    if not touch_interval_s >= 0:
-      raise ValueError(f"touch_interval_s must be >= 0, got {touch_interval_s!r}")
-    self.client, self.root = client, root.rstrip("/") or "/"
-    self.pending_timeout_s, self.touch_interval_s = float(pending_timeout_s), float(touch_interval_s)
+    if pending_timeout_s is not None:
+      _check_seconds("pending_timeout_s", pending_timeout_s, positive=True)
+    _check_seconds("touch_interval_s", touch_interval_s, positive=False)
+    self.client, self.root = client, root
+    self.touch_interval_s = float(touch_interval_s)
     self._index = Index(kv, b"kvcache\0" + self.root.encode() + b"\0")
-    config = self._open_config(page_bytes, capacity_pages, num_files)
+    config = self._open_config(page_bytes, capacity_pages, num_files, pending_timeout_s)
     self.page_bytes, self.capacity_pages, self.num_files = (config["page_bytes"], config["capacity_pages"],
                                                             config["num_files"])
+    self.pending_timeout_s = float(config["pending_timeout_s"])
     self.slot_bytes = self.page_bytes + TRAILER_BYTES
     self._instance = os.urandom(16)
     self._lock = threading.Lock()
     self._hits = self._misses = self._dropped = 0
-    self._paths = [f"{self.root.rstrip('/')}/data-{i:04d}" for i in range(self.num_files)]
+    self._paths = [posixpath.join(self.root, f"data-{i:04d}") for i in range(self.num_files)]
     self._stats = self._open_files()
 
-  def _open_config(self, page_bytes, capacity_pages, num_files) -> dict:
-    wanted = {"page_bytes": page_bytes, "capacity_pages": capacity_pages, "num_files": num_files}
+  def _open_config(self, page_bytes, capacity_pages, num_files, pending_timeout_s) -> dict:
+    wanted = {"page_bytes": page_bytes, "capacity_pages": capacity_pages, "num_files": num_files,
+              "pending_timeout_s": pending_timeout_s}
     if page_bytes is None or capacity_pages is None:
       stored = self._index.config()
       if stored is None:
         raise ValueError(f"no store at root {self.root!r} yet: page_bytes and capacity_pages are needed to create one")
     else:
-      stored = self._index.init({k: int(v) for k, v in wanted.items()})
+      stored = self._index.init({
+          "page_bytes": int(page_bytes), "capacity_pages": int(capacity_pages),
+          "num_files": _NUM_FILES if num_files is None else int(num_files),
+          "pending_timeout_s": _PENDING_TIMEOUT_S if pending_timeout_s is None else float(pending_timeout_s)})
+    stored = {"pending_timeout_s": _PENDING_TIMEOUT_S, **stored}  # a store made before it was kept: the old default
     for name, value in wanted.items():
       if value is not None and value != stored[name]:
         raise ValueError(f"{name}={value} does not match the store at root {self.root!r}, "
@@ -191,6 +219,8 @@ class KVCacheStore:
 
   def _page_bytes(self, page, name: str = "page") -> bytes:
     if isinstance(page, np.ndarray):
+      if page.dtype.kind not in _NUMERIC_KINDS:
+        raise ValueError(f"{name} must be an array of numbers, got dtype {page.dtype}")
       data = np.ascontiguousarray(page).reshape(-1).view(np.uint8)
     elif isinstance(page, (bytes, bytearray, memoryview)):
       data = memoryview(page).cast("B")
@@ -202,7 +232,7 @@ class KVCacheStore:
 
   # -- writes --
   def put(self, key: bytes, page) -> bool:
-    """Stores one page (`page`: bytes or any numpy array of exactly `page_bytes` bytes); see `put_many`."""
+    """Stores one page (`page`: bytes or a numeric numpy array of exactly `page_bytes` bytes); see `put_many`."""
     (key,) = self._check_keys([key], "key")
     return bool(self.put_many([key], [self._page_bytes(page)])[0])
 
@@ -211,7 +241,9 @@ class KVCacheStore:
 
     Args:
       keys: [num_keys] distinct keys (bytes, e.g. from `prefix_hashes`).
-      pages: [num_keys, page_bytes] uint8 array, or a sequence of num_keys pages.
+      pages: a numeric array (any dtype but object and other non-numbers) whose leading dimension
+        is num_keys and whose rows hold page_bytes bytes each (e.g. [num_keys, page_bytes] uint8),
+        or a sequence of num_keys pages, each as `put` takes it.
 
     Returns:
       [num_keys] bool, True where this call stored the page. False: the key was cached already
@@ -221,12 +253,7 @@ class KVCacheStore:
     keys = self._check_keys(keys)
     if len(set(keys)) != len(keys):
       raise ValueError("keys must be distinct")
-    if isinstance(pages, np.ndarray) and pages.ndim == 2:
-      if pages.shape != (len(keys), self.page_bytes) or pages.dtype != np.uint8:
-        raise ValueError(f"pages must be [{len(keys)}, {self.page_bytes}] uint8, got {pages.shape} {pages.dtype}")
-    elif len(pages) != len(keys):
-      raise ValueError(f"pages must hold one page per key ({len(keys)}), got {len(pages)}")
-    datas = [self._page_bytes(p, "pages") for p in pages]
+    datas = self._pages_bytes(pages, len(keys))
     stored = np.zeros(len(keys), bool)
     if not keys:
       return stored
@@ -244,6 +271,20 @@ class KVCacheStore:
     done = self._index.confirm([keys[i] for i in taken], [entries[i] for i in taken])
     stored[taken] = done
     return stored
+
+  def _pages_bytes(self, pages, count: int) -> list[bytes]:
+    if not isinstance(pages, np.ndarray):
+      pages = list(pages)
+      if len(pages) != count:
+        raise ValueError(f"pages must hold one page per key ({count}), got {len(pages)}")
+      return [self._page_bytes(p, "pages") for p in pages]
+    row_bytes = pages.itemsize * math.prod(pages.shape[1:]) if pages.ndim else -1
+    if pages.dtype.kind not in _NUMERIC_KINDS or pages.ndim == 0 or pages.shape[0] != count or \
+        row_bytes != self.page_bytes:
+      raise ValueError(f"pages must be a numeric array of {count} rows of page_bytes={self.page_bytes} bytes, "
+                       f"got shape {pages.shape} of {pages.dtype}")
+    flat = np.ascontiguousarray(pages).reshape(-1).view(np.uint8)
+    return [flat[i * row_bytes:(i + 1) * row_bytes].tobytes() for i in range(count)]
 
   def _trailer(self, key: bytes, nonce: int, data) -> bytes:
     packed = _TRAILER.pack(_MAGIC, self.page_bytes, nonce, xxhash.xxh3_128(key).digest(),
@@ -344,7 +385,9 @@ class KVCacheStore:
   def _after_read(self, keys: list[bytes], entries: list[Entry], status: list[int]) -> None:
     """Stamps the pages read as used (those not stamped within `touch_interval_s`) and drops the
     damaged ones, in one transaction. A page whose entry changed since the lookup is left alone:
-    it was evicted or replaced, and its bad trailer proves nothing about the new one."""
+    it was evicted or replaced, and its bad trailer proves nothing about the new one. Best effort
+    (`Index.touch` never raises a KVError): the pages were read, so a failed stamp only costs LRU
+    order; with SqliteKV it may wait up to the engine's `busy_timeout_s` for the write lock."""
     stale_before = time.time_ns() - int(self.touch_interval_s * 1e9)
     work = [(k, e, s == _BAD) for k, e, s in zip(keys, entries, status)
             if s == _BAD or (s == _OK and e.stamp <= stale_before)]
@@ -377,8 +420,10 @@ class KVCacheStore:
     return self._index.delete(self._check_keys(keys))
 
   def clear(self, *, batch: int = 512) -> int:
-    """Removes every page, `batch` keys per transaction; returns how many. Other processes may
-    go on meanwhile: a page written while it runs may survive it."""
+    """Removes every page, `batch` keys per listing (and per transaction, or fewer where the
+    engine caps a transaction's operations); returns how many. Other processes may go on
+    meanwhile: a page written while it runs may survive it, and the slots of pages being
+    written stay out of use until `pending_timeout_s` has passed."""
     if batch < 1:
       raise ValueError(f"batch must be positive, got {batch}")
     removed = 0

@@ -54,10 +54,11 @@ class Transaction(abc.ABC):
     begin, end = _as_key(begin), _as_key(end)
     if limit is not None and limit < 0:
       raise ValueError(f"limit must be >= 0 or None, got {limit}")
-    stored = dict(self._read_range(begin, end, None))
-    for key, value in self._writes.items():
-      if begin <= key < end:
-        stored[key] = value
+    local = {key: value for key, value in self._writes.items() if begin <= key < end}
+    # This transaction's own clears may hide stored keys: fetch that many more than `limit`.
+    fetch = None if limit is None else limit + sum(value is None for value in local.values())
+    stored = dict(self._read_range(begin, end, fetch))
+    stored.update(local)
     pairs = sorted((k, v) for k, v in stored.items() if v is not None)
     if limit is not None:
       pairs = pairs[:limit]
@@ -123,6 +124,10 @@ class Transaction(abc.ABC):
 
 class KVEngine(abc.ABC):
   """A transactional ordered KV store."""
+
+  # The most keys one read-write transaction may read, and the most it may write (each bound on
+  # its own, as etcd's --max-txn-ops); callers split larger batches. None: unlimited.
+  max_ops_per_transaction: int | None = None
 
   @abc.abstractmethod
   def read_only(self) -> Transaction: ...

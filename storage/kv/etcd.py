@@ -27,6 +27,8 @@ def _unb64(text: str) -> bytes:
 class EtcdKV(KVEngine):
   """A KV engine over the etcd cluster at `endpoint` (e.g. "http://127.0.0.1:2379")."""
 
+  max_ops_per_transaction = 128  # etcd's default --max-txn-ops: compares and puts/deletes, each
+
   def __init__(self, endpoint: str, *, timeout_s: float = 10.0):
     if not endpoint.startswith(("http://", "https://")):
       endpoint = "http://" + endpoint

@@ -33,6 +33,9 @@ def test_get_set_clear_and_ranges(engine):
     txn.clear(b"DENTb")
     txn.set(b"DENTd", b"x")
     assert [k for k, _ in txn.get_range(b"DENT", b"DENU")] == [b"DENTa", b"DENTc", b"DENTd"]
+    txn.clear(b"DENTa")  # the limit counts live keys: the store is asked for more than 2 past these clears
+    assert [k for k, _ in txn.get_range(b"DENT", b"DENU", limit=2)] == [b"DENTc", b"DENTd"]
+    txn.set(b"DENTa", b"denta")
   with engine.read_only() as txn:
     assert txn.get(b"DENTb") is None and txn.get(b"missing") is None
     assert txn.get_range(b"DENT", b"DENU") == [(b"DENTa", b"denta"), (b"DENTc", b"dentc"), (b"DENTd", b"x")]

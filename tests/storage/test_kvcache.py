@@ -1,9 +1,11 @@
 """The KV-cache store on a loopback cluster: round trips, prefix hits, LRU eviction, crashed and late
-writers, readers racing eviction, bad input, and several processes sharing one store."""
+writers, pending keys removed mid-write, readers racing eviction, bad input, engines that cap a
+transaction, and several processes sharing one store."""
 
 from __future__ import annotations
 
 import multiprocessing
+import sqlite3
 import time
 
 import numpy as np
@@ -186,6 +188,100 @@ def test_crashed_writer_slot_is_reclaimed_and_a_late_write_is_harmless(make_stor
   assert_index_consistent(store)
 
 
+@pytest.mark.parametrize("removal", ["delete", "clear", "failed write"])
+def test_removing_a_pending_key_quarantines_its_slot_until_the_timeout(make_store, removal):
+  store = make_store(capacity_pages=1, pending_timeout_s=0.3)
+  x, y = key(0), key(1)
+  if removal == "failed write":
+    writes = []
+    def failing(slots, blobs):  # the first chunk write failed; another may still be in flight
+      writes.append((slots, blobs))
+      raise OSError("write failed")
+    store._write_slots = failing
+    with pytest.raises(OSError):
+      store.put(x, page_of(x))
+    del store._write_slots
+    (slots, blobs), = writes
+  else:
+    (entry,) = store._index.allocate([x], capacity=1, pending_timeout_s=0.3, instance=b"w" * 16)
+    assert (store.delete(x) if removal == "delete" else store.clear()) in (True, 1)
+    slots, blobs = [entry.slot], [page_of(x) + store._trailer(x, entry.nonce, page_of(x))]
+  assert not store.exists(x) and store.stats().used_pages == 1
+  assert not store.put(y, page_of(y))  # the only slot may still be written: not handed out
+  store._write_slots(slots, blobs)  # the removed writer's write lands late, harming no one
+  assert_index_consistent(store)
+  time.sleep(0.35)
+  assert store.put(y, page_of(y)) and store.get(y) == page_of(y)  # past the timeout it is recycled
+  assert store.stats().reclaimed == 0 and store.stats().dropped == 0
+  assert_index_consistent(store)
+
+
+def test_young_pending_pages_do_not_hide_evictable_ones(make_store):
+  store = make_store(capacity_pages=20)
+  others = store._index.allocate([key(100 + i) for i in range(16)], capacity=20, pending_timeout_s=30,
+                                 instance=b"o" * 16)  # the 16 oldest slots are being written
+  assert all(e is not None for e in others)
+  assert store.put_many([key(i) for i in range(4)], [page_of(key(i)) for i in range(4)]).all()
+  assert store.put(key(50), page_of(key(50)))  # evicts a ready page past the pending ones
+  assert store.stats().evictions == 1 and not store.exists(key(0)) and store.get(key(50)) == page_of(key(50))
+  assert_index_consistent(store)
+
+
+def test_a_failed_lru_stamp_does_not_fail_the_read(client, tmp_path):
+  kv = SqliteKV(tmp_path / "locked.db", busy_timeout_s=0.1)
+  store = KVCacheStore(client, kv, f"/locked-{tmp_path.name}", page_bytes=PAGE, capacity_pages=2,
+                       touch_interval_s=0.0)
+  store.put(key(0), page_of(key(0)))
+  holder = sqlite3.connect(tmp_path / "locked.db", isolation_level=None)
+  holder.execute("BEGIN IMMEDIATE")  # another process holds SQLite's write lock
+  try:
+    assert store.get(key(0)) == page_of(key(0))  # the stamp is dropped ("database is locked"), not raised
+    assert store.get_many([key(0), key(1)]).found.tolist() == [True, False]
+  finally:
+    holder.execute("ROLLBACK")
+    holder.close()
+    kv.close()
+
+
+def test_root_spellings_name_one_store(make_store):
+  a = make_store(root="/spelled", capacity_pages=2)
+  b = make_store(root="//spelled/./sub/..//", capacity_pages=2)
+  assert b.root == a.root == "/spelled" and b._paths == a._paths
+  assert a.put(key(0), page_of(key(0))) and b.put(key(1), page_of(key(1)))  # one index: distinct slots
+  assert a.get(key(0)) == page_of(key(0)) and b.get(key(0)) == page_of(key(0)) and a.get(key(1)) == page_of(key(1))
+
+
+def test_reopening_adopts_num_files_and_pending_timeout(make_store):
+  made = make_store(root="/adopt", capacity_pages=8, num_files=3, pending_timeout_s=5.0)
+  made.put(key(0), page_of(key(0)))
+  for kwargs in ({"page_bytes": None, "capacity_pages": None}, {"capacity_pages": 8}):
+    reopened = make_store(root="/adopt", **kwargs)
+    assert (reopened.num_files, reopened.pending_timeout_s) == (3, 5.0)  # every process agrees on them
+    assert reopened.get(key(0)) == page_of(key(0))
+  with pytest.raises(ValueError, match="num_files"):
+    make_store(root="/adopt", capacity_pages=8, num_files=2)
+  with pytest.raises(ValueError, match="pending_timeout_s"):
+    make_store(root="/adopt", capacity_pages=8, pending_timeout_s=30.0)
+  fresh = make_store(capacity_pages=2)
+  assert (fresh.num_files, fresh.pending_timeout_s) == (1, 30.0)  # a new store's defaults
+
+
+def test_put_many_takes_any_numeric_array_with_a_page_per_row(make_store):
+  store = make_store(capacity_pages=8)
+  keys = [key(i) for i in range(6)]
+  pages = np.stack([np.frombuffer(page_of(k), np.uint8) for k in keys])
+  assert store.put_many(keys[:2], pages[:2].view(np.uint32)).all()  # [2, PAGE / 4] uint32
+  assert store.put_many(keys[2:4], pages[2:4].view(np.int8).reshape(2, 2, PAGE // 2)).all()  # 3-D int8
+  assert store.put_many(keys[4:], list(pages[4:].view(np.float16))).all()  # a sequence of pages
+  assert all(store.get(k) == page_of(k) for k in keys)
+  for bad in (np.empty((1, PAGE), object), np.zeros((1, PAGE), "S1"), np.zeros((2, PAGE), np.uint8),
+              np.zeros((1, 2, PAGE), np.uint8), np.zeros(PAGE, np.uint8)):
+    with pytest.raises(ValueError, match="pages"):
+      store.put_many([key(9)], bad)
+  with pytest.raises(ValueError, match="page"):
+    store.put(key(9), np.empty(PAGE, object))
+
+
 def test_bad_input_raises_value_error_naming_the_argument(make_store, client):
   store = make_store(capacity_pages=2)
   with pytest.raises(ValueError, match="page"):
@@ -199,7 +295,7 @@ def test_bad_input_raises_value_error_naming_the_argument(make_store, client):
   with pytest.raises(ValueError, match="distinct"):
     store.put_many([key(0), key(0)], [page_of(key(0))] * 2)
   with pytest.raises(ValueError, match="pages"):
-    store.put_many([key(0), key(1)], np.zeros((2, PAGE), np.int8))
+    store.put_many([key(0), key(1)], np.zeros((2, PAGE // 2), np.int8))  # rows of half a page
   with pytest.raises(ValueError, match="pages"):
     store.put_many([key(0), key(1)], [page_of(key(0))])
   with pytest.raises(ValueError, match="out"):
@@ -207,7 +303,13 @@ def test_bad_input_raises_value_error_naming_the_argument(make_store, client):
   for kwargs, name in (({"capacity_pages": 0}, "capacity_pages"), ({"page_bytes": -1}, "page_bytes"),
                        ({"num_files": 0}, "num_files"), ({"num_files": 3}, "num_files"),
                        ({"pending_timeout_s": 0}, "pending_timeout_s"),
-                       ({"touch_interval_s": -1}, "touch_interval_s"), ({"root": "relative"}, "root")):
+                       ({"pending_timeout_s": float("inf")}, "pending_timeout_s"),
+                       ({"pending_timeout_s": float("nan")}, "pending_timeout_s"),
+                       ({"pending_timeout_s": "30"}, "pending_timeout_s"),
+                       ({"touch_interval_s": -1}, "touch_interval_s"),
+                       ({"touch_interval_s": float("inf")}, "touch_interval_s"),
+                       ({"touch_interval_s": None}, "touch_interval_s"),
+                       ({"root": "relative"}, "root"), ({"root": "./x"}, "root")):
     with pytest.raises(ValueError, match=name):
       make_store(**{"capacity_pages": 2, **kwargs})
   root = store.root
@@ -246,8 +348,40 @@ def test_index_protocol_on_every_kv_engine(engine, tmp_path):
   assert index.usage() == (2, 1, 0) and index.delete(keys) == 2 and index.usage() == (0, 1, 0)
 
 
+class _CappedKV(MemoryKV):
+  """A MemoryKV that fails a read-write transaction reading or writing over 40 keys, as etcd over 128."""
+
+  max_ops_per_transaction = 40
+
+  def read_write(self):
+    txn = super().read_write()
+    def commit(writes, original=txn._commit):
+      if len(writes) > 40 or len(txn._read_keys) + len(txn._read_ranges) > 40:
+        raise AssertionError(f"{len(txn._read_keys)} reads and {len(writes)} writes in one transaction")
+      original(writes)
+    txn._commit = commit
+    return txn
+
+
+@pytest.mark.parametrize("capped", ["memory", "etcd"])
+def test_batches_are_split_for_engines_that_cap_a_transaction(client, request, capped):
+  assert EtcdKV.max_ops_per_transaction == 128 and MemoryKV.max_ops_per_transaction is None
+  kv = EtcdKV(request.getfixturevalue("etcd_endpoint")) if capped == "etcd" else _CappedKV()
+  store = KVCacheStore(client, kv, f"/capped-{capped}-{time.time_ns()}", page_bytes=PAGE, capacity_pages=64,
+                       touch_interval_s=0.0)  # etcd is shared by the session: a root of its own
+  keys = [key(i) for i in range(64)]
+  assert store.put_many(keys, [page_of(k) for k in keys]).all()
+  assert store.get_many(keys).found.all()  # and its LRU stamps
+  others = [key(100 + i) for i in range(64)]
+  assert store.put_many(others, [page_of(k) for k in others]).all()  # 64 evictions
+  assert store.stats().evictions == 64 and store.delete_many(others[:50]) == 50
+  assert store.clear() == 14 and store.stats().used_pages == 0
+  kv.close()
+
+
 def assert_index_consistent(store: KVCacheStore) -> None:
-  """Every slot below the high-water mark is free or held by exactly one entry, with its LRU record."""
+  """Every slot below the high-water mark is free, held by exactly one entry with its LRU record,
+  or quarantined (a pending LRU record no entry owns: a removed write's)."""
   index = store._index
   with index.engine.read_only() as txn:
     raw = txn.get(index.prefix + b"N")
@@ -255,9 +389,12 @@ def assert_index_consistent(store: KVCacheStore) -> None:
     free = [int.from_bytes(k[-4:], "big") for k, _ in txn.get_range(*index._range(b"F"))]
     entries = {k[len(index.prefix) + 1:]: _unpack(v) for k, v in txn.get_range(*index._range(b"K"))}
     lru = {k: v for k, v in txn.get_range(*index._range(b"L"))}
-  held = [e.slot for e in entries.values()]
+  owned = {index._l(e): bytes([e.ready]) + k for k, e in entries.items()}
+  quarantined = [int.from_bytes(k[-4:], "big") for k, v in lru.items() if k not in owned]
+  assert all(lru[k][0] == 0 for k in lru if k not in owned)
+  held = [e.slot for e in entries.values()] + quarantined
   assert sorted(free + held) == list(range(handed_out)) and handed_out <= store.capacity_pages
-  assert lru == {index._l(e): bytes([e.ready]) + k for k, e in entries.items()}
+  assert {k: v for k, v in lru.items() if k in owned} == owned
 
 
 def _hammer(address: str, kv_path: str, root: str, seed: int, ops: int, queue) -> None:
