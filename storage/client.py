@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import threading
 import time
 from typing import Any, NamedTuple, Sequence
@@ -51,6 +52,8 @@ class Client:
   """A connection to one cluster; thread-safe; close it (or use `with`) to free its thread."""
 
   def __init__(self, address: str, *, timeout_s: float = 30.0):
+    self._owner = os.getpid()  # a forked child has no copy of the client's thread
+    self._closed = False
     self._loop = new_event_loop()
     self._thread = threading.Thread(target=self._loop.run_forever, name="storage-client", daemon=True)
     self._thread.start()
@@ -74,16 +77,29 @@ class Client:
     """The latest routing mgmtd pushed (nodes, chains with target states, meta servers)."""
     return self._watcher.routing
 
+  def _usable(self) -> bool:
+    return not self._closed and self._owner == os.getpid() and self._thread.is_alive()
+
   def _run(self, coro):
+    if not self._usable():
+      coro.close()
+      raise ValueError("this storage client is closed, or was inherited through fork (its thread stayed in "
+                       "the parent): connect a new one")
     return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
   def close(self) -> None:
+    """Closes the connections and stops the client's thread; later calls raise ValueError. Idempotent."""
+    if not self._usable():
+      return
     async def shut():
       await self._watcher.close()
       await self._chains.close()
       await self._meta.close()
-    self._run(shut())
-    self._loop.call_soon_threadsafe(self._loop.stop)
+    try:
+      self._run(shut())
+    finally:
+      self._closed = True
+      self._loop.call_soon_threadsafe(self._loop.stop)
     self._thread.join(timeout=5)
 
   def __enter__(self) -> "Client":
@@ -228,40 +244,54 @@ class Client:
 
 
 class SharedReader(io.RawIOBase):
-  """An unbuffered, seekable reader of one file, safe to share between threads.
+  """An unbuffered-looking, seekable reader of one file, safe to share between threads.
 
   DuckDB (through fsspec) reads one handle from several threads as `seek(x)` then `read(n)`
   pairs, and a read here waits on the network without the GIL, so another thread's seek can
   land in between. A thread's seek is therefore remembered for that thread, and its next read
   starts there. A read by a thread that did not seek continues the shared position (sequential
-  reads handed between threads) and forgets the other threads' seeks. Used by one thread, this
-  is an ordinary file. Reads of different threads run concurrently. The size is the file's at
-  open; each read is one batch of chunk reads.
+  reads handed between threads, as pyarrow's stream readers do) and forgets the other threads'
+  seeks. Used by one thread, this is an ordinary file. Mixing threads that seek with threads
+  that read without seeking, at the same time, has no well-defined position (as on any shared
+  file); `pread` is positional and always safe.
+
+  Reads of different threads run concurrently. A read shorter than `READ_AHEAD` fetches that
+  much and keeps it for the same thread's next small reads and `readline` (one block per
+  thread, at most `_MAX_BLOCKS` threads); larger reads fetch exactly. The size is the file's at
+  open, and kept blocks are not refreshed if the file is rewritten while open.
   """
 
-  _LINE_BLOCK = 64 << 10  # readline reads this much at a time, not a byte per request
+  READ_AHEAD = 64 << 10
+  _MAX_BLOCKS = 64
 
   def __init__(self, client: Client, path: str, stat: FileStat):
     self._client, self.name, self._stat = client, path, stat
     self._lock = threading.Lock()
     self._shared = 0
     self._sought: dict[int, int] = {}  # thread ident -> its seek not yet read from
+    self._blocks: dict[int, tuple[int, bytes]] = {}  # thread ident -> (offset, bytes) read ahead
 
   @property
   def size(self) -> int:
     return self._stat.size
 
   def readable(self) -> bool:
+    self._check_open()
     return True
 
   def seekable(self) -> bool:
+    self._check_open()
     return True
 
   def tell(self) -> int:
+    self._check_open()
     with self._lock:
       return self._sought.get(threading.get_ident(), self._shared)
 
   def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+    self._check_open()
+    if whence not in (io.SEEK_SET, io.SEEK_CUR, io.SEEK_END):
+      raise ValueError(f"whence must be SEEK_SET, SEEK_CUR or SEEK_END, got {whence!r}")
     with self._lock:
       me = threading.get_ident()
       base = {io.SEEK_SET: 0, io.SEEK_CUR: self._sought.get(me, self._shared), io.SEEK_END: self.size}[whence]
@@ -270,51 +300,89 @@ class SharedReader(io.RawIOBase):
       self._sought[me] = self._shared = base + offset
       return base + offset
 
-  def _claim(self, length: int) -> tuple[int, int]:
-    """The (start, length) of this thread's next read, moving the shared position past it."""
+  def _start(self) -> int:
+    """Where this thread's next read starts (call with the lock held)."""
+    me = threading.get_ident()
+    if me in self._sought:
+      return self._sought.pop(me)
+    self._sought.clear()  # the position was handed over: older seeks of other threads are void
+    return self._shared
+
+  def pread(self, offset: int, length: int) -> bytes:
+    """Up to `length` bytes at `offset`, whatever the position (which this leaves alone)."""
+    self._check_open()
+    if offset < 0 or length < 0:
+      raise ValueError(f"offset and length must be >= 0, got {offset} and {length}")
+    return self._fetch(offset, max(0, min(length, self.size - offset)))
+
+  def _kept(self, start: int) -> bytes:
+    """This thread's read-ahead bytes from `start` on (empty when its block does not hold `start`)."""
+    kept = self._blocks.get(threading.get_ident())
+    if kept and kept[0] <= start < kept[0] + len(kept[1]):
+      return kept[1][start - kept[0]:]
+    return b""
+
+  def _read_ahead(self, start: int) -> bytes:
+    """Fetches `READ_AHEAD` bytes at `start` (fewer at the end) and keeps them for this thread."""
+    block = self._client._run(self._client._read(self._stat, start, min(self.READ_AHEAD, self.size - start)))
+    me = threading.get_ident()
     with self._lock:
-      me = threading.get_ident()
-      if me in self._sought:
-        start = self._sought.pop(me)
-      else:
-        start = self._shared
-        self._sought.clear()  # the position was handed over: older seeks of other threads are void
-      length = max(0, min(length, self.size - start))
-      self._shared = start + length
-      return start, length
+      if me not in self._blocks and len(self._blocks) >= self._MAX_BLOCKS:
+        self._blocks.pop(next(iter(self._blocks)))  # the oldest thread's block
+      self._blocks[me] = (start, block)
+    return block
+
+  def _fetch(self, start: int, length: int) -> bytes:
+    """`length` bytes at `start` (within the file), from this thread's block or the cluster."""
+    kept = self._kept(start)
+    if len(kept) >= length:
+      return kept[:length]
+    if length >= self.READ_AHEAD:
+      return self._client._run(self._client._read(self._stat, start, length))
+    return self._read_ahead(start)[:length]
 
   def readinto(self, buffer) -> int:
     self._check_open()
-    start, length = self._claim(len(buffer))
-    if length:
-      memoryview(buffer).cast("B")[:length] = self._client._run(self._client._read(self._stat, start, length))
+    view = memoryview(buffer).cast("B")  # bytes, whatever the buffer's item size or shape
+    with self._lock:
+      start = self._start()
+      length = max(0, min(len(view), self.size - start))
+      self._shared = start + length  # reserved: a sequential reader in another thread continues after it
+    view[:length] = self._fetch(start, length)
     return length
 
   def readall(self) -> bytes:
     self._check_open()
-    start, length = self._claim(self.size)
-    return self._client._run(self._client._read(self._stat, start, length)) if length else b""
+    with self._lock:
+      start = self._start()
+      self._shared = self.size
+    return self._fetch(start, max(0, self.size - start))
 
   def readline(self, size: int | None = -1) -> bytes:
     self._check_open()
     limit = self.size if size is None or size < 0 else size
-    start = self.tell()
-    line = b""
-    while len(line) < limit:
-      block = self.read(min(self._LINE_BLOCK, limit - len(line)))
-      if not block:
-        break
+    with self._lock:
+      position = self._start()
+    line = bytearray()
+    while len(line) < limit and position < self.size:
+      block = (self._kept(position) or self._read_ahead(position))[:limit - len(line)]
       end = block.find(b"\n")
-      if end >= 0:
-        line += block[:end + 1]
-        self.seek(start + len(line))  # give back what was read past the line
-        break
+      block = block if end < 0 else block[:end + 1]
       line += block
-    return line
+      position += len(block)
+      if end >= 0:
+        break
+    with self._lock:
+      self._shared = position
+    return bytes(line)
 
   def _check_open(self) -> None:
     if self.closed:
       raise ValueError("I/O operation on closed file")
+
+  def close(self) -> None:
+    self._blocks.clear()
+    super().close()
 
 
 class _Writer(io.RawIOBase):
@@ -335,6 +403,8 @@ class _Writer(io.RawIOBase):
     return self._position
 
   def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+    if whence not in (io.SEEK_SET, io.SEEK_CUR, io.SEEK_END):
+      raise ValueError(f"whence must be SEEK_SET, SEEK_CUR or SEEK_END, got {whence!r}")
     base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._length}[whence]
     if base + offset < 0:
       raise ValueError(f"negative seek position {base + offset}")

@@ -17,8 +17,10 @@ fsspec adds text modes on top.
 from __future__ import annotations
 
 import atexit
+import os
 import posixpath
 import re
+import shutil
 import threading
 
 import fsspec
@@ -47,11 +49,18 @@ class _ClientPool:
 
   def release(self, address: str, timeout_s: float) -> None:
     with self._lock:
-      entry = self._clients[(address, timeout_s)]
+      entry = self._clients.get((address, timeout_s))
+      if entry is None:  # already closed by close_all (at exit)
+        return
       entry[1] -= 1
       if entry[1] == 0:
         del self._clients[(address, timeout_s)]
         entry[0].close()
+
+  def forget(self) -> None:
+    """In a forked child: the parent's clients have no thread here, so new instances connect anew."""
+    self._lock = threading.Lock()
+    self._clients = {}
 
 
   def close_all(self) -> None:
@@ -67,6 +76,7 @@ class _ClientPool:
 
 _SHARED_CLIENTS = _ClientPool()
 atexit.register(_SHARED_CLIENTS.close_all)
+os.register_at_fork(after_in_child=_SHARED_CLIENTS.forget)
 _GLOB = re.compile(r"[*?[]")  # fsspec's glob characters
 
 
@@ -91,8 +101,15 @@ class StorageFileSystem(fsspec.AbstractFileSystem):
       raise ValueError("address (mgmtd's host:port) is required: fsspec.filesystem('3fs', address=...) or a "
                        "3fs://host:port/path URL")
     self.address = address
-    self.client = _SHARED_CLIENTS.acquire(address, timeout_s)
+    self._client = _SHARED_CLIENTS.acquire(address, timeout_s)
     self._client_key = (address, timeout_s)
+
+  @property
+  def client(self) -> storage.Client:
+    """The cluster client this instance shares; ValueError once `close` was called."""
+    if self._client is None:
+      raise ValueError(f"this 3fs filesystem ({self.address}) is closed: make a new one")
+    return self._client
 
   @staticmethod
   def _split(url: str) -> tuple[str, str]:
@@ -126,7 +143,7 @@ class StorageFileSystem(fsspec.AbstractFileSystem):
     """Drops this instance from fsspec's cache, and closes the client when no other instance uses it."""
     if self._client_key is not None:
       _SHARED_CLIENTS.release(*self._client_key)
-      self._client_key = None
+      self._client_key = self._client = None
     type(self)._cache.pop(self._fs_token, None)
 
   def unstrip_protocol(self, name: str) -> str:
@@ -213,8 +230,9 @@ class StorageFileSystem(fsspec.AbstractFileSystem):
   def mv(self, path1, path2, recursive=False, maxdepth=None, **kwargs):
     """The meta server's atomic rename of a file or a whole directory (not a copy).
 
-    Several sources (a list or a glob), or a `path2` ending in "/", move into the directory
-    `path2` under their own names, one rename each; `path2` must then exist.
+    Onto an existing directory, or with several sources (a list or a glob), or a `path2` ending
+    in "/", sources move into the directory `path2` under their own names, one rename each (as
+    `mv` and shutil.move do); `path2` must then exist.
     """
     if isinstance(path1, (list, tuple)) or _has_glob(path1) or str(path2).endswith("/"):
       sources = self.glob(path1) if _has_glob(path1) else (
@@ -226,7 +244,19 @@ class StorageFileSystem(fsspec.AbstractFileSystem):
         source = self._path(source)
         self.client.rename(source, posixpath.join(target, posixpath.basename(source)))
       return
-    self.client.rename(self._path(path1), self._path(path2))
+    source, target = self._path(path1), self._path(path2)
+    if target != "/" and self.isdir(target) and source != target:  # like `mv` and shutil.move: into the directory
+      target = posixpath.join(target, posixpath.basename(source))
+    self.client.rename(source, target)
+
+  def cp_file(self, path1, path2, **kwargs):
+    """Copies one file's bytes (read and written through the client, 8 MiB at a time); a directory is made."""
+    source, target = self._path(path1), self._path(path2)
+    if self.isdir(source):  # fsspec's recursive copy passes directories too
+      self.makedirs(target, exist_ok=True)
+      return
+    with self.client.open(source, "rb") as src, self.client.open(target, "wb") as dst:
+      shutil.copyfileobj(src, dst, length=8 << 20)
 
   def modified(self, path):
     import datetime

@@ -13,6 +13,7 @@ server keeps serving everyone else.
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import logging
 import struct
@@ -72,10 +73,18 @@ def raise_error(error: dict) -> None:
   """Raises the Python exception a client should see for an error payload."""
   kind, message = error.get("kind", "storage"), error.get("message", "")
   if kind in _KINDS:
-    raise _KINDS[kind](message)
-  if kind == "os" and isinstance(error.get("errno"), int):
-    raise OSError(error["errno"], message)
-  raise StorageError(message, kind)
+    err = _KINDS[kind](message)
+  elif kind == "os" and isinstance(error.get("errno"), int):
+    err = OSError(error["errno"], message)
+  else:
+    err = StorageError(message, kind)
+  err.remote = True  # the peer's answer, not a failure to reach it (see `is_remote`)
+  raise err
+
+
+def is_remote(err: BaseException) -> bool:
+  """Whether `err` is a peer's answer (raised by `raise_error`) rather than a local or network failure."""
+  return getattr(err, "remote", False)
 
 
 def pack(message: dict) -> bytes:
@@ -166,7 +175,8 @@ class RpcServer:
       except asyncio.CancelledError:
         raise
       except Exception as err:  # report every failure, a lost connection downstream included
-        if not isinstance(err, (StorageError, ConnectionError, *_KIND_OF)):
+        expected = isinstance(err, OSError) and err.errno == errno.ENOTEMPTY  # an answer, e.g. rmdir of a full directory
+        if not expected and not isinstance(err, (StorageError, ConnectionError, *_KIND_OF)):
           logging.exception("storage rpc %s failed", method)
         message = {"id": request_id, "ok": False, "error": error_payload(err)}
       try:

@@ -23,7 +23,7 @@ from storage.cluster.lease import LeaseKeeper
 from storage.cluster.resync import ChunkMeta, plan_sync
 from storage.cluster.routing import RoutingWatcher
 from storage.cluster.states import LocalState
-from storage.transport import RpcClient, RpcServer, StorageError
+from storage.transport import RpcClient, RpcServer, StorageError, is_remote
 
 MAX_CHUNK_BYTES = 64 << 20
 
@@ -290,7 +290,10 @@ class StorageNode:
                                                         target=successor, **args)
         return
       except (ConnectionError, OSError, TimeoutError, StorageError) as err:
-        retryable = not isinstance(err, StorageError) or err.kind in ("stale_chain", "not_serving")
+        if isinstance(err, StorageError):
+          retryable = err.kind in ("stale_chain", "not_serving")
+        else:  # the successor unreachable or slow; not its answer (a full disk, a missing chunk)
+          retryable = isinstance(err, (ConnectionError, TimeoutError)) or not is_remote(err)
         if not retryable or asyncio.get_running_loop().time() > deadline:
           raise
       await asyncio.sleep(0.05)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import os
 import threading
+import time
 
 import duckdb
 import fsspec
@@ -107,3 +109,42 @@ def test_instances_in_other_threads_share_one_client(fs):
   assert others[0] is not fs and others[0].client is fs.client  # fsspec caches per thread; the client is shared
   others[0].close()
   assert fs.exists("/")                                  # the other instance's close left this one's client open
+
+
+def test_mv_onto_a_directory_moves_into_it_and_cp_copies(fs):
+  fs.makedirs("/onto/dir", exist_ok=True)
+  fs.pipe_file("/onto/f.bin", b"f" * 200_000)
+  fs.mv("/onto/f.bin", "/onto/dir")                        # an existing directory: into it
+  assert fs.ls("/onto/dir", detail=False) == ["/onto/dir/f.bin"]
+  fs.cp_file("/onto/dir/f.bin", "/onto/copy.bin")
+  assert fs.cat_file("/onto/copy.bin") == b"f" * 200_000
+  fs.copy("/onto/dir", "/onto/dir2", recursive=True)
+  assert fs.cat_file("/onto/dir2/f.bin") == b"f" * 200_000
+  fs.rm("/onto", recursive=True)
+
+
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # the child touches no JAX, only the cluster
+def test_a_closed_filesystem_refuses_and_a_forked_child_connects_anew(fs):
+  other = StorageFileSystem(fs.address, skip_instance_cache=True)
+  other.close()
+  other.close()                                             # idempotent
+  with pytest.raises(ValueError, match="closed"):
+    other.ls("/")
+  assert fs.exists("/")                                     # the shared client stays open for fs
+  fs.pipe_file("/forked.txt", b"from the parent")
+  read, write = os.pipe()
+  pid = os.fork()
+  if pid == 0:  # the child: fsspec makes a new instance (the pid changed), which must not reuse the parent's client
+    try:
+      child = fsspec.filesystem("3fs", address=fs.address)
+      os.write(write, child.cat_file("/forked.txt"))
+    finally:
+      os._exit(0)
+  os.close(write)
+  deadline = time.monotonic() + 30
+  while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+    time.sleep(0.05)
+  if done[0] == 0:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+  assert os.read(read, 100) == b"from the parent", "the forked child hung or failed"

@@ -88,3 +88,39 @@ def test_readinto_readline_and_the_end(reader_and_data):
   assert reader.readline(5) == data[newline + 1:newline + 6][:data[newline + 1:newline + 6].find(b"\n") + 1 or 5]
   with pytest.raises(ValueError, match="negative seek"):
     reader.seek(-1)
+
+
+def test_buffers_of_any_item_size_are_filled_by_bytes(reader_and_data):
+  reader, data = reader_and_data
+  out = np.zeros(10, np.float64)                  # 80 bytes, len() 10
+  reader.seek(333)
+  assert reader.readinto(out) == 80 and out.tobytes() == data[333:413]
+  rows = np.zeros((4, 100), np.uint8)
+  assert reader.readinto(rows) == 400 and rows.tobytes() == data[413:813]
+  assert reader.pread(1000, 5) == data[1000:1005] and reader.tell() == 813  # positional: the position stays
+
+
+def test_line_by_line_reads_fetch_each_block_once(tmp_path_factory, monkeypatch):
+  text = b"".join(b"line %d\n" % i for i in range(30_000))  # about 250 KB
+  with LocalCluster(tmp_path_factory.mktemp("lines")) as cluster, storage.connect(cluster.address) as client:
+    with client.open("/lines.txt", "wb") as f:
+      f.write(text)
+    fetched = []
+    read = client._read
+    monkeypatch.setattr(client, "_read", lambda stat, offset, length: fetched.append(length) or read(stat, offset, length))
+    with client.open("/lines.txt", "rb", buffering=0) as reader:
+      assert list(reader) == text.splitlines(keepends=True)
+  assert sum(fetched) < len(text) + SharedReader.READ_AHEAD  # each byte fetched about once, not a block per line
+
+
+def test_a_closed_reader_refuses_everything(tmp_path_factory):
+  with LocalCluster(tmp_path_factory.mktemp("closed")) as cluster, storage.connect(cluster.address) as client:
+    with client.open("/x", "wb") as f:
+      f.write(b"abc")
+    reader = client.open("/x", "rb", buffering=0)
+    with pytest.raises(ValueError, match="whence"):
+      reader.seek(0, 7)
+    reader.close()
+    for call in (reader.read, reader.tell, reader.seekable, lambda: reader.seek(0)):
+      with pytest.raises(ValueError, match="closed file"):
+        call()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import struct
 
 import msgpack
@@ -20,7 +21,8 @@ async def _echo(data: bytes = b"", delay: float = 0.0):
 async def _fail(kind: str):
   raise {"nf": FileNotFoundError("no such file: /x"), "ex": FileExistsError("/x exists"),
          "dir": IsADirectoryError("/d is a directory"), "val": ValueError("bad offset"),
-         "other": StorageError("chain version 3 is stale, latest is 4", "stale_chain")}[kind]
+         "other": StorageError("chain version 3 is stale, latest is 4", "stale_chain"),
+         "full": OSError(errno.ENOSPC, "no space left on target 3")}[kind]
 
 
 def _run(body):
@@ -54,12 +56,15 @@ def test_round_trip_and_concurrent_calls():
 @pytest.mark.parametrize("kind,error,match", [
     ("nf", FileNotFoundError, "no such file"), ("ex", FileExistsError, "exists"),
     ("dir", IsADirectoryError, "is a directory"), ("val", ValueError, "bad offset"),
-    ("other", StorageError, "chain version 3 is stale")])
+    ("other", StorageError, "chain version 3 is stale"), ("full", OSError, "no space left")])
 def test_errors_arrive_as_the_right_python_exception(kind, error, match):
   async def body(server):
     client = RpcClient(server.address)
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match) as raised:
       await client.call("fail", kind=kind)
+    assert transport.is_remote(raised.value)  # the peer's answer: not retried as an outage
+    if kind == "full":
+      assert raised.value.errno == errno.ENOSPC
     with pytest.raises(ValueError, match="unknown method 'nope'"):
       await client.call("nope")
     assert (await client.call("echo"))["size"] == 0  # the connection survives errors
