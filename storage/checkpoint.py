@@ -55,7 +55,7 @@ def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> list[list[int]]
   return [[s.indices(n)[0], s.indices(n)[1]] for s, n in zip(index, shape)]
 
 
-def _agree(phase: str, error: BaseException | None, path: str) -> None:
+def _agree(phase: str, error: BaseException | None, what: str) -> None:
   """Every process calls this after a phase: all of them go on, or all of them raise.
 
   A process that failed re-raises its own error; the others raise naming the processes that
@@ -69,7 +69,7 @@ def _agree(phase: str, error: BaseException | None, path: str) -> None:
   if error is not None:
     raise error
   if failed:
-    raise RuntimeError(f"checkpoint save to {path} failed on process(es) {failed} while {phase}; see their errors")
+    raise RuntimeError(f"{what} failed on process(es) {failed} while {phase}; see their errors")
 
 
 def _host_bytes(value) -> memoryview:
@@ -115,15 +115,15 @@ def save(tree, path: str, *, max_workers: int = 8) -> None:
   """
   if max_workers < 1:
     raise ValueError(f"max_workers must be >= 1, got {max_workers}")
-  fs, root = _fs(path)
-  if not root.strip("/"):
-    raise ValueError(f"path {path!r} is a filesystem's root; give a directory for the checkpoint")
-  staging, old = root + ".partial", root + ".old"
-  names, leaves, _ = _leaf_names(tree)
-  entries, writes = _plan(names, leaves)  # bad leaves raise here, on every process alike
-
+  what = f"checkpoint save to {path}"
   error = None
-  try:
+  try:  # a failure here (a bad leaf, no connection) must not leave the other processes waiting
+    fs, root = _fs(path)
+    if not root.strip("/"):
+      raise ValueError(f"path {path!r} is a filesystem's root; give a directory for the checkpoint")
+    staging, old = root + ".partial", root + ".old"
+    names, leaves, _ = _leaf_names(tree)
+    entries, writes = _plan(names, leaves)
     if jax.process_index() == 0:
       if fs.exists(staging):
         fs.rm(staging, recursive=True)
@@ -132,7 +132,7 @@ def save(tree, path: str, *, max_workers: int = 8) -> None:
       fs.makedirs(staging, exist_ok=True)
   except Exception as err:  # noqa: BLE001 -- reported to every process by _agree
     error = err
-  _agree("clearing the staging directory", error, path)
+  _agree("planning and clearing the staging directory", error, what)
 
   def write(item):
     leaf, file, (bounds, value) = item
@@ -149,14 +149,14 @@ def save(tree, path: str, *, max_workers: int = 8) -> None:
     fs.pipe_file(f"{staging}/shards.{jax.process_index()}.json", json.dumps(entries).encode())
   except Exception as err:  # noqa: BLE001
     error = err
-  _agree("writing shards", error, path)
+  _agree("writing shards", error, what)
 
   try:
     if jax.process_index() == 0:
       _commit(fs, root, staging, old)
   except Exception as err:  # noqa: BLE001
     error = err
-  _agree("committing", error, path)
+  _agree("committing", error, what)
 
 
 def _commit(fs, root: str, staging: str, old: str) -> None:
@@ -231,10 +231,11 @@ def _restore_plan(name: str, leaf, entry: dict) -> _LeafPlan:
   if tuple(np.shape(leaf)) != shape or leaf_dtype != dtype:
     raise ValueError(f"leaf {name}: checkpoint has {dtype}{list(shape)}, target {leaf_dtype}{list(np.shape(leaf))}")
   sharding = getattr(leaf, "sharding", None)
-  if entry["sharding"] == "host" or sharding is None:  # saved from, or wanted as, a host value: numpy
+  x64_only = jax.dtypes.canonicalize_dtype(dtype) != dtype
+  if sharding is None or (entry["sharding"] == "host" and x64_only):  # numpy (jax could not hold an int64)
     sharding, slices = None, [tuple(slice(None) for _ in shape)]
   else:
-    if jax.dtypes.canonicalize_dtype(dtype) != dtype:
+    if x64_only:
       raise ValueError(f"leaf {name} is {dtype}, which jax holds only with jax_enable_x64 on")
     slices = list(sharding.addressable_devices_indices_map(shape).values())
   wanted = [_bounds(index, shape) for index in slices]
@@ -267,17 +268,37 @@ def restore(path: str, target, *, max_workers: int = 8):
   Args:
     path: a local path or an fsspec URL, as given to `save`.
     target: a pytree like the saved one, of `jax.Array`s or `jax.ShapeDtypeStruct`s; each leaf's
-      `.sharding` says where its shards go. Leaves saved from host values (numpy, scalars),
-      and targets without a sharding, come back as numpy arrays.
+      `.sharding` says where its shards go. Targets without a sharding come back as numpy
+      arrays, and so do 64-bit host values (numpy, scalars) when jax_enable_x64 is off.
     max_workers: concurrent shard reads. Only the saved shards that overlap this process's
       slices are read, each once, one leaf ahead of the one being built.
 
   Returns:
-    The pytree: `jax.Array`s, and numpy arrays for host leaves. ValueError names the leaf whose name, shape or dtype differs
-    from the manifest's, or a shard whose checksum fails.
+    The pytree: `jax.Array`s, and numpy arrays as above. ValueError names the leaf whose name,
+    shape or dtype differs from the manifest's, or a shard whose checksum fails. With
+    shardings that span processes, a failure on one process raises on all of them.
   """
   if max_workers < 1:
     raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+  leaves = jax.tree_util.tree_leaves(target)
+  # Onto shardings that span processes, every process restores together: agree on the outcome,
+  # so one process's failure (a bad shard, a lost connection) does not leave the others stuck in
+  # their next collective. A restore onto this process's devices alone stays local.
+  spans = any(getattr(leaf, "sharding", None) is not None and not leaf.sharding.is_fully_addressable
+              for leaf in leaves)
+  result, error = None, None
+  try:
+    result = _restore(path, target, max_workers)
+  except Exception as err:  # noqa: BLE001 -- reported to every process by _agree
+    if not spans:
+      raise
+    error = err
+  if spans:
+    _agree("restoring", error, f"checkpoint restore from {path}")
+  return result
+
+
+def _restore(path: str, target, max_workers: int):
   fs, _ = _fs(path)
   manifest = read_manifest(path)
   root = manifest["directory"]

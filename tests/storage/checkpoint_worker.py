@@ -4,7 +4,8 @@
 
 MODE "save_restore": saves a tree sharded over both processes, restores it onto another mesh,
 and checks every addressable shard against the global values. MODE "fail": process 1 fails
-while writing its shards; both processes must raise, and the previous checkpoint must stay.
+while writing its shards, then cannot reach the filesystem at all, then fails a restore; each
+time both processes must raise (none waits for the other), and the previous checkpoint stays.
 Prints "OK" on success, or "RAISED <type>: <message>" when save raised.
 """
 
@@ -72,6 +73,24 @@ def main(coordinator: str, process_id: int, path: str, mode: str) -> None:
       print(f"RAISED {type(err).__name__}: {err}", flush=True)
     type(fs).pipe_file = real
     assert ckpt.restore(path, {"w": np.zeros_like(w), "e": np.zeros_like(e), "step": np.int64(0)})["step"] == 11
+
+    real_fs = ckpt._fs  # process 1 cannot even reach the filesystem: the others must not wait for it
+    ckpt._fs = lambda p: (_ for _ in ()).throw(ConnectionError("simulated: no route to the cluster")) \
+        if process_id == 1 else real_fs(p)
+    try:
+      ckpt.save(tree, path)
+    except Exception as err:  # noqa: BLE001
+      print(f"RAISED {type(err).__name__}: {err}", flush=True)
+    ckpt._fs = real_fs
+
+    real_read = ckpt._read_shard  # a restore onto shardings across both processes fails on process 1
+    ckpt._read_shard = lambda *a: (_ for _ in ()).throw(ValueError("simulated: shard fails its checksum")) \
+        if process_id == 1 else real_read(*a)
+    try:
+      ckpt.restore(path, {"w": tree["w"], "e": tree["e"], "step": np.int64(0)})
+    except Exception as err:  # noqa: BLE001
+      print(f"RAISED {type(err).__name__}: {err}", flush=True)
+    ckpt._read_shard = real_read
     print("OK", flush=True)
   jax.distributed.shutdown()
 

@@ -155,7 +155,22 @@ def test_two_processes_save_their_shards_and_restore_onto_another_mesh(where, tm
 
 
 def test_a_failure_on_one_process_raises_on_every_process(tmp_path):
-  """Process 1's shard writes fail: it raises its error, process 0 raises naming it (no hang), the old checkpoint stays."""
+  """Process 1 fails (writing shards, reaching the filesystem, restoring): it raises its error, process 0 raises naming it (no hang)."""
   outputs = _two_processes(str(tmp_path / "ckpt"), "fail")
-  assert "RAISED OSError: simulated disk failure on process 1" in outputs[1], outputs[1][-2000:]
-  assert "RAISED RuntimeError" in outputs[0] and "process(es) [1] while writing shards" in outputs[0], outputs[0][-2000:]
+  for own, others in [("OSError: simulated disk failure on process 1", "process(es) [1] while writing shards"),
+                      ("ConnectionError: simulated: no route", "process(es) [1] while planning"),
+                      ("ValueError: simulated: shard fails its checksum", "restore from")]:
+    assert f"RAISED {own}" in outputs[1], outputs[1][-2000:]
+    assert others in outputs[0], outputs[0][-2000:]
+
+
+def test_a_host_leaf_restores_onto_a_sharded_target_as_a_jax_array(tmp_path):
+  mesh = jax.make_mesh((8,), ("a",))
+  host = {"t": np.arange(16, dtype=np.float32), "n": np.int64(3)}  # int64: jax holds it only with x64
+  ckpt.save(host, str(tmp_path / "c"))
+  sharded = NamedSharding(mesh, P("a"))
+  got = ckpt.restore(str(tmp_path / "c"), {"t": jax.ShapeDtypeStruct((16,), np.float32, sharding=sharded),
+                                           "n": jax.ShapeDtypeStruct((), np.int64, sharding=NamedSharding(mesh, P()))})
+  assert isinstance(got["t"], jax.Array) and got["t"].sharding == sharded
+  np.testing.assert_array_equal(np.asarray(got["t"]), host["t"])
+  assert isinstance(got["n"], np.ndarray) and got["n"] == 3
