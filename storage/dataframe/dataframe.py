@@ -13,7 +13,7 @@ from storage.dataframe import tasks
 from storage.dataframe.executors import Task
 from storage.dataframe.partitioning import ColumnSplit, HashSplit
 from storage.dataframe.plan import Narrow, Node, Repartition, SqlNode, materialize_all
-from storage.dataframe.recipes import evaluate
+from storage.dataframe.recipes import escape_braces, evaluate
 
 if TYPE_CHECKING:
   from storage.dataframe.session import Session
@@ -66,7 +66,7 @@ class DataFrame:
     """Per partition: a SQL select list (`"a + b AS c, d"`) or a function from the partition's
     pyarrow.Table to a new one (top-level, so workers can unpickle it)."""
     if isinstance(sql_or_func, str):
-      return DataFrame(self.session, SqlNode([self.node], f"SELECT {sql_or_func} FROM {{0}}"))
+      return DataFrame(self.session, SqlNode([self.node], f"SELECT {escape_braces(sql_or_func)} FROM {{0}}"))
     if not callable(sql_or_func):
       raise ValueError(f"sql_or_func must be a SQL string or a callable, got {type(sql_or_func).__name__}")
     return DataFrame(self.session, Narrow(self.node, sql_or_func, "map"))
@@ -75,7 +75,7 @@ class DataFrame:
     """Keeps the rows where a SQL condition (`"a > 1"`) holds, or where a function of the partition's
     pyarrow.Table returns True (a boolean array with one entry per row)."""
     if isinstance(sql_or_func, str):
-      return DataFrame(self.session, SqlNode([self.node], f"SELECT * FROM {{0}} WHERE {sql_or_func}"))
+      return DataFrame(self.session, SqlNode([self.node], f"SELECT * FROM {{0}} WHERE {escape_braces(sql_or_func)}"))
     if not callable(sql_or_func):
       raise ValueError(f"sql_or_func must be a SQL string or a callable, got {type(sql_or_func).__name__}")
     return DataFrame(self.session, Narrow(self.node, sql_or_func, "filter"))
@@ -116,9 +116,13 @@ class DataFrame:
 
   def write_parquet(self, path: str) -> None:
     """Writes partition i to `path/part-{i:05d}.parquet` (a local directory or any fsspec URL, such as
-    `3fs://host:port/dir`), one task per partition; empty partitions give empty files."""
+    `3fs://host:port/dir`), one task per partition; empty partitions give empty files. Part
+    files an earlier write left there are removed first (other files are left alone)."""
     fs, root = fsspec.core.url_to_fs(path)
     fs.makedirs(root, exist_ok=True)
+    stale = fs.glob(posixpath.join(root, "part-*.parquet"))
+    if stale:  # an earlier write's parts: a later reader of the directory would see them too
+      fs.rm(stale)
     recipes = self._recipes()
     self.session.run([Task(f"write_parquet partition {i}", tasks.materialize,
                            (r, fs, posixpath.join(root, f"part-{i:05d}.parquet")))

@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 
 # Intermediate files are read once by the next stage: a cheap codec beats a dense one.
 STAGING_COMPRESSION = "snappy"
-_PLACEHOLDER = re.compile(r"\{(\d+)\}")
+# `{N}` names input N; `{{` and `}}` are literal braces (as in str.format), e.g. a regex's `a{{2}}`.
+_TOKEN = re.compile(r"\{\{|\}\}|\{(\d+)\}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +57,22 @@ Recipe = Union[Read, Sql, Apply]
 
 
 def placeholders(query: str) -> set[int]:
-  """The input indices a `partial_sql` query names as `{0}`, `{1}`, ..."""
-  return {int(m) for m in _PLACEHOLDER.findall(query)}
+  """The input indices a `partial_sql` query names as `{0}`, `{1}`, ... (not inside `{{`/`}}` escapes)."""
+  return {int(m.group(1)) for m in _TOKEN.finditer(query) if m.group(1) is not None}
+
+
+def escape_braces(sql: str) -> str:
+  """`sql` with its braces doubled, so that it is taken literally inside a query template."""
+  return sql.replace("{", "{{").replace("}", "}}")
+
+
+def substitute(query: str, name) -> str:
+  """`query` with each `{N}` replaced by `name(N)` and `{{`/`}}` by single braces."""
+  return _TOKEN.sub(lambda m: name(int(m.group(1))) if m.group(1) is not None else m.group(0)[0], query)
 
 
 def read_table(fs: fsspec.AbstractFileSystem, path: str, columns=None) -> pa.Table:
-  """One parquet file through pyarrow (DuckDB's own fsspec reads are not used: see the package doc)."""
+  """One parquet file through pyarrow; DuckDB then queries the Arrow table (no file handle shared between its threads)."""
   return pq.read_table(path, filesystem=fs, columns=None if columns is None else list(columns))
 
 
@@ -102,7 +113,7 @@ def _run_sql(recipe: Sql) -> pa.Table:
   try:
     for i, child in enumerate(recipe.inputs):
       con.register(f"__input{i}", evaluate(child))
-    query = _PLACEHOLDER.sub(lambda m: f"__input{m.group(1)}", recipe.query)
+    query = substitute(recipe.query, lambda i: f"__input{i}")
     relation = con.sql(query)
     if relation is None:
       raise ValueError(f"partial_sql query returned no rows relation (not a SELECT?): {recipe.query!r}")

@@ -146,6 +146,8 @@ class Session:
   def partial_sql(self, query: str, *inputs: DataFrame) -> DataFrame:
     """A DuckDB query run on each partition: `{0}`, `{1}`, ... name the inputs' partitions.
 
+    Braces the query means literally are doubled, as in str.format: `'a{{2}}'` is the regex `a{2}`.
+
     Raises:
       ValueError: no input, inputs with different partition counts or of another session, or a
         placeholder with no input.

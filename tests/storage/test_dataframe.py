@@ -232,3 +232,16 @@ def test_on_a_local_cluster_through_3fs(tmp_path_factory):
       job_dir = remote.job_dir
     assert not fs.exists(job_dir)  # shutdown removed the staging files
     fs.close()
+
+
+def test_braces_in_sql_and_rewriting_an_output_directory(tmp_path):
+  with Session(str(tmp_path / "root"), num_executors=0) as sess:
+    df = sess.from_items([{"x": "aa"}, {"x": "a"}])
+    got = sess.partial_sql("SELECT '{{0}}' AS lit, regexp_matches(x, '^a{{2}}$') AS two FROM {0} ORDER BY x", df)
+    assert got.to_arrow().to_pylist() == [{"lit": "{0}", "two": False}, {"lit": "{0}", "two": True}]
+    assert df.filter("regexp_matches(x, '^a{2}$')").to_arrow().column("x").to_pylist() == ["aa"]  # map/filter: literal
+    out = str(tmp_path / "out")
+    df.repartition(3, by_rows=True).write_parquet(out)
+    df.repartition(1).write_parquet(out)              # the earlier write's three parts are gone
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["part-00000.parquet"]
+    assert sess.read_parquet(out).count() == 2
