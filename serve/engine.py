@@ -1,0 +1,178 @@
+"""The engine: requests in, tokens out, one scheduling step at a time (not thread-safe: see `serve.async_llm`).
+
+  engine = LLMEngine()                                   # the bundled demo checkpoint
+  engine.add_request("a", "def main():", SamplingParams(temperature=0, max_tokens=32))
+  while engine.has_unfinished():
+    for out in engine.step():
+      print(out.request_id, out.new_text, out.finished)
+
+Layers (nano-vllm's): `Sequence` state, `BlockManager` pages with prefix hashing, a pure-Python
+`Scheduler` (continuous batching, chunked prefill, preemption by recompute), and the
+`ModelRunner`, the only device code. `serve.LLM` is the batch API on top; `serve.server` the
+OpenAI-compatible HTTP server.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import jax.numpy as jnp
+
+import model as model_lib
+from serve.block_manager import PAGE_SIZE, BlockManager
+from serve.detokenizer import IncrementalText
+from serve.model_runner import ModelRunner, bucket
+from serve.outputs import EngineStats, RequestOutput
+from serve.sampling_params import SamplingParams
+from serve.scheduler import Scheduler
+from serve.sequence import Sequence
+from serve.tokenizers import load_tokenizer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def load_model(name: str | None, dtype: str):
+  """(model, tokenizer, model name) for a checkpoint path, a preset name (random weights), or None (the demo)."""
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+  if name is None or os.path.abspath(name) == os.path.abspath(model_lib.DEMO_CHECKPOINT):
+    path, model_name = model_lib.DEMO_CHECKPOINT, "demo"
+  elif os.path.isdir(name):
+    path, model_name = name, os.path.basename(os.path.normpath(name))
+  elif name in model_lib.PRESETS:
+    from flax import nnx
+    net = model_lib.DeepseekV3(model_lib.PRESETS[name], rngs=nnx.Rngs(0), dtype=DTYPES[dtype],
+                               param_dtype=DTYPES[dtype])
+    return net, load_tokenizer(None), name
+  else:
+    raise ValueError(f"model must be a checkpoint directory or a preset ({sorted(model_lib.PRESETS)}), got {name!r}")
+  net = model_lib.from_pretrained(path, dtype=DTYPES[dtype])  # MTP modules load when present (not used yet)
+  return net, load_tokenizer(path), model_name
+
+
+class LLMEngine:
+  """Continuous batching over one model on the default device.
+
+  Args:
+    model: a checkpoint directory, a preset name (random weights, for tests and benchmarks), or
+      None for the bundled demo checkpoint (`model.DEMO_CHECKPOINT`).
+    dtype: the weights' dtype ("float32" or "bfloat16"); the latent cache is bfloat16.
+    max_num_seqs: the most requests running at once.
+    max_num_batched_tokens: the most prompt tokens one prefill step computes (chunked prefill).
+    num_kv_pages: pages of 64 tokens in the cache (one is reserved).
+    max_model_len: the longest prompt plus output; default the model's
+      `max_position_embeddings`, capped by the cache.
+    seed: seeds the requests that bring none.
+  """
+
+  def __init__(self, model: str | None = None, *, dtype: str = "float32", max_num_seqs: int = 8,
+               max_num_batched_tokens: int = 256, num_kv_pages: int = 128, max_model_len: int | None = None,
+               seed: int = 0):
+    net, self.tokenizer, self.model_name = load_model(model, dtype)
+    config = net.config
+    limit = min(config.max_position_embeddings, (num_kv_pages - 1) * PAGE_SIZE)
+    if max_model_len is None:
+      max_model_len = limit
+    if not isinstance(max_model_len, int) or not 2 <= max_model_len <= limit:
+      raise ValueError(f"max_model_len must be in [2, {limit}] (the model's positions and the cache's "
+                       f"{num_kv_pages - 1} pages), got {max_model_len!r}")
+    self.max_model_len = max_model_len
+    self.vocab_size = min(config.vocab_size, self.tokenizer.vocab_size)
+    self.blocks = BlockManager(num_kv_pages)
+    self.scheduler = Scheduler(self.blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+    self.max_prefill_length = bucket(max(16, max_num_batched_tokens), 1 << 30)
+    max_pages = BlockManager.pages_for(max_model_len + self.max_prefill_length)
+    self.runner = ModelRunner(net, num_pages=num_kv_pages, max_pages_per_seq=max_pages, vocab_limit=self.vocab_size)
+    self._seeds = random.Random(seed)
+    self._arrivals = 0
+    self._requests: dict[str, tuple[Sequence, IncrementalText]] = {}
+    self.prompt_tokens = self.generation_tokens = 0
+
+  # -- requests --
+  def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+    """Queues a request. ValueError: a duplicate id, an empty or too long prompt, bad token ids."""
+    if not isinstance(request_id, str) or request_id in self._requests:
+      raise ValueError(f"request_id must be a new string, got {request_id!r}")
+    if not isinstance(params, SamplingParams):
+      raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+    ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not ids:
+      raise ValueError("prompt is empty")
+    if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in ids):
+      raise ValueError(f"prompt token ids must be ints in [0, {self.vocab_size})")
+    if len(ids) >= self.max_model_len:
+      raise ValueError(f"prompt is too long: {len(ids)} tokens, and this model serves at most {self.max_model_len} "
+                       f"(prompt plus at least one generated token)")
+    if params.seed is None:
+      params = SamplingParams(**{**params.__dict__, "seed": self._seeds.randrange(2**32)})
+    seq = Sequence(request_id, ids, params, self._arrivals)
+    self._arrivals += 1
+    self.scheduler.add(seq)
+    self._requests[request_id] = (seq, IncrementalText(self.tokenizer.decode, params.stop))
+
+  def abort(self, request_id: str) -> None:
+    """Drops a request and frees its pages; unknown or finished ids are ignored."""
+    entry = self._requests.pop(request_id, None)
+    if entry is not None:
+      self.scheduler.remove(entry[0])
+
+  def has_unfinished(self) -> bool:
+    return bool(self._requests)
+
+  def stats(self) -> EngineStats:
+    return EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+                       kv_cache_usage=self.blocks.usage, prefix_cache_hit_tokens=self.blocks.hit_tokens,
+                       prefix_cache_query_tokens=self.blocks.query_tokens, prompt_tokens=self.prompt_tokens,
+                       generation_tokens=self.generation_tokens)
+
+  # -- one step --
+  def step(self) -> list[RequestOutput]:
+    """Runs one batch; returns an output for each request that got a token (finished ones last time)."""
+    batch = self.scheduler.schedule()
+    if batch is None:
+      return []
+    rows = []
+    for seq, count in zip(batch.seqs, batch.num_tokens):
+      start = seq.num_computed_tokens
+      p = seq.params
+      rows.append((seq.token_ids[start:start + count], start, seq.block_table,
+                   (p.temperature, p.top_k, p.top_p, p.seed)))
+    # Prefill chunks pad to powers of two from 16 (fewer programs to compile); decode is one token.
+    length = bucket(max(16, max(batch.num_tokens)), self.max_prefill_length) if batch.prefill else 1
+    sampled = self.runner.run(rows, batch=bucket(len(rows), self.scheduler.max_num_seqs), length=length)
+    outputs = []
+    for seq, count, token in zip(batch.seqs, batch.num_tokens, sampled):
+      if batch.prefill:
+        self.prompt_tokens += count
+      seq.num_computed_tokens += count
+      self.blocks.computed(seq)
+      if seq.num_computed_tokens < len(seq):
+        continue  # a prompt chunk: no token yet
+      seq.token_ids.append(int(token))
+      self.generation_tokens += 1
+      outputs.append(self._progress(seq))
+    return outputs
+
+  def _progress(self, seq: Sequence) -> RequestOutput:
+    text = self._requests[seq.request_id][1]
+    p = seq.params
+    reason = None
+    if not p.ignore_eos and seq.token_ids[-1] == self.tokenizer.eos_id:
+      reason = "stop"
+    elif p.max_tokens is not None and seq.num_generated >= p.max_tokens:
+      reason = "length"
+    elif len(seq) >= self.max_model_len:
+      reason = "length"
+    generated = seq.generated_ids
+    if reason == "stop":
+      generated = generated[:-1]  # EOS is not text
+    new = text.update(generated, final=reason is not None)
+    if text.stopped:
+      reason = "stop"
+    if reason is not None:
+      seq.finish_reason = reason
+      self.scheduler.remove(seq)
+      del self._requests[seq.request_id]
+    return RequestOutput(seq.request_id, seq.token_ids[:seq.num_prompt_tokens], list(seq.generated_ids), text.text,
+                         new, reason is not None, reason, seq.num_cached_tokens)

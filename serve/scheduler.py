@@ -1,0 +1,138 @@
+"""Continuous batching: which sequences run in the next step, and how many of their tokens.
+
+Pure Python (no JAX), so it is tested on its own. Each step is one of two kinds, because the
+model runs them as differently shaped calls:
+- a *prefill* step computes chunks of prompts (or of preempted sequences' tokens) under a token
+  budget (`max_num_batched_tokens`): first the sequences already part-way through, then new
+  ones admitted first-come first-served while pages, the budget and `max_num_seqs` allow;
+- a *decode* step computes the newest token of every running sequence that has finished its
+  prefill.
+When both kinds have work, they alternate, so long prompts arriving do not stall generation and
+generation does not starve admission. When a decode step needs a page and none is free, the most
+recently admitted sequence is preempted: its pages are freed and it waits to be recomputed
+(its generated tokens included), ahead of new arrivals.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+from serve.block_manager import BlockManager
+from serve.sequence import Sequence, Status
+
+
+@dataclasses.dataclass
+class ScheduledBatch:
+  """One step's work.
+
+  Attributes:
+    seqs: the sequences that run.
+    num_tokens: tokens each computes this step, starting at its `num_computed_tokens`.
+    prefill: the kind of step (decode steps compute one token per sequence).
+  """
+
+  seqs: list[Sequence]
+  num_tokens: list[int]
+  prefill: bool
+
+
+class Scheduler:
+  """Waiting and running sequences, and the pages they hold.
+
+  Args:
+    block_manager: the pages.
+    max_num_seqs: the most sequences running at once.
+    max_num_batched_tokens: the most tokens a prefill step computes (a decode step computes at
+      most `max_num_seqs`).
+  """
+
+  def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int):
+    if max_num_seqs < 1:
+      raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+    if max_num_batched_tokens < 1:
+      raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+    self.blocks = block_manager
+    self.max_num_seqs = max_num_seqs
+    self.max_num_batched_tokens = max_num_batched_tokens
+    self.waiting: collections.deque[Sequence] = collections.deque()
+    self.running: list[Sequence] = []
+    self._last_prefill = False
+    self.num_preemptions = 0
+
+  def add(self, seq: Sequence) -> None:
+    if self.blocks.pages_for(len(seq) + 1) > self.blocks.num_pages - 1:
+      raise ValueError(f"a sequence of {len(seq)} tokens needs more pages than the cache's {self.blocks.num_pages - 1}")
+    seq.status = Status.WAITING
+    self.waiting.append(seq)
+
+  def has_work(self) -> bool:
+    return bool(self.waiting or self.running)
+
+  def remove(self, seq: Sequence) -> None:
+    """Takes a sequence out (finished or aborted) and frees its pages."""
+    if seq in self.running:
+      self.running.remove(seq)
+    elif seq in self.waiting:
+      self.waiting.remove(seq)
+    self.blocks.free(seq)
+    seq.status = Status.FINISHED
+
+  def schedule(self) -> ScheduledBatch | None:
+    """The next step's batch, or None when nothing can run."""
+    decoding = [seq for seq in self.running if not seq.prefilling]
+    prefill = self._prefill_batch(dry_run=True)
+    if prefill and (not decoding or not self._last_prefill):
+      batch = self._prefill_batch(dry_run=False)
+    elif decoding:
+      batch = self._decode_batch()
+    else:
+      return None
+    self._last_prefill = batch is not None and batch.prefill
+    return batch
+
+  def _prefill_batch(self, *, dry_run: bool) -> ScheduledBatch | None:
+    budget = self.max_num_batched_tokens
+    seqs, counts = [], []
+    for seq in self.running:  # part-way through: they hold pages already
+      if seq.prefilling and budget > 0:
+        take = min(len(seq) - seq.num_computed_tokens, budget)
+        seqs.append(seq)
+        counts.append(take)
+        budget -= take
+    while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+      seq = self.waiting[0]
+      if not self.blocks.can_allocate(seq):
+        break
+      if dry_run:
+        return ScheduledBatch([seq], [1], True)
+      self.waiting.popleft()
+      self.blocks.allocate(seq)
+      seq.status = Status.RUNNING
+      self.running.append(seq)
+      take = min(len(seq) - seq.num_computed_tokens, budget)
+      seqs.append(seq)
+      counts.append(take)
+      budget -= take
+    return ScheduledBatch(seqs, counts, True) if seqs else None
+
+  def _decode_batch(self) -> ScheduledBatch | None:
+    ready = []
+    for seq in sorted((s for s in self.running if not s.prefilling), key=lambda s: s.arrival):
+      while seq in self.running and not self.blocks.can_append(seq, 0):
+        self._preempt_latest(keep=seq)
+      if seq in self.running:
+        self.blocks.append(seq)
+        ready.append(seq)
+    ready = [seq for seq in ready if seq in self.running]
+    return ScheduledBatch(ready, [1] * len(ready), False) if ready else None
+
+  def _preempt_latest(self, keep: Sequence) -> None:
+    """Frees the most recently admitted running sequence (`keep` itself when it is the latest)."""
+    victim = max(self.running, key=lambda s: s.arrival)
+    self.running.remove(victim)
+    self.blocks.free(victim)
+    victim.num_computed_tokens = 0
+    victim.status = Status.WAITING
+    self.waiting.appendleft(victim)
+    self.num_preemptions += 1

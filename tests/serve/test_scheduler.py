@@ -1,0 +1,125 @@
+"""The scheduler and block manager without JAX: admission, chunked prefill, alternation, preemption, prefix sharing."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve.block_manager import PAGE_SIZE, TRASH_PAGE, BlockManager
+from serve.sampling_params import SamplingParams
+from serve.scheduler import Scheduler
+from serve.sequence import Sequence, Status
+
+_arrivals = iter(range(10**6))
+
+
+def seq(n: int, *, first: int = 0, name: str | None = None) -> Sequence:
+  arrival = next(_arrivals)
+  return Sequence(name or f"r{arrival}", [(first + i) % 251 for i in range(n)], SamplingParams(), arrival)
+
+
+def run(scheduler: Scheduler, batch, token: int = 7) -> None:
+  """What the engine does after a step: count the computed tokens, append a sampled one when a sequence is caught up."""
+  for s, count in zip(batch.seqs, batch.num_tokens):
+    s.num_computed_tokens += count
+    scheduler.blocks.computed(s)
+    if s.num_computed_tokens == len(s):
+      s.token_ids.append(token)
+
+
+def test_prefill_is_chunked_under_the_token_budget_then_decodes():
+  blocks = BlockManager(32)
+  scheduler = Scheduler(blocks, max_num_seqs=4, max_num_batched_tokens=100)
+  a, b = seq(150), seq(30)
+  scheduler.add(a)
+  scheduler.add(b)
+  batch = scheduler.schedule()
+  assert batch.prefill and batch.seqs == [a] and batch.num_tokens == [100]  # a takes the whole budget
+  run(scheduler, batch)
+  batch = scheduler.schedule()
+  assert batch.prefill and batch.seqs == [a, b] and batch.num_tokens == [50, 30]  # a's rest, then b admitted
+  run(scheduler, batch)
+  assert len(a) == 151 and len(b) == 31 and not a.prefilling
+  batch = scheduler.schedule()
+  assert not batch.prefill and batch.seqs == [a, b] and batch.num_tokens == [1, 1]
+  assert a.block_table[:3] == a.block_table and len(a.block_table) == 3 and TRASH_PAGE not in a.block_table
+
+
+def test_prefill_and_decode_alternate_when_both_have_work():
+  scheduler = Scheduler(BlockManager(64), max_num_seqs=8, max_num_batched_tokens=64)
+  first = seq(10)
+  scheduler.add(first)
+  run(scheduler, scheduler.schedule())
+  kinds = []
+  for _ in range(4):
+    scheduler.add(seq(10))
+    batch = scheduler.schedule()
+    kinds.append(batch.prefill)
+    run(scheduler, batch)
+  assert kinds == [False, True, False, True]  # the first step was a prefill, so a decode comes next
+
+
+def test_max_num_seqs_limits_admission():
+  scheduler = Scheduler(BlockManager(64), max_num_seqs=2, max_num_batched_tokens=1000)
+  for _ in range(3):
+    scheduler.add(seq(10))
+  batch = scheduler.schedule()
+  assert len(batch.seqs) == 2 and len(scheduler.waiting) == 1
+
+
+def test_out_of_pages_preempts_the_latest_and_it_is_recomputed_with_its_tokens():
+  blocks = BlockManager(4)  # 3 usable pages
+  scheduler = Scheduler(blocks, max_num_seqs=4, max_num_batched_tokens=1000)
+  a, b = seq(PAGE_SIZE), seq(PAGE_SIZE - 1, first=100)
+  scheduler.add(a)
+  scheduler.add(b)
+  run(scheduler, scheduler.schedule())  # both prefilled: a holds 1 page (+1 for its new token), b 1
+  assert len(a) == PAGE_SIZE + 1 and blocks.num_free == 1
+  batch = scheduler.schedule()       # a needs its 2nd page: takes the last free one
+  assert batch.seqs == [a, b]
+  run(scheduler, batch)
+  assert len(b) == PAGE_SIZE + 1 and blocks.num_free == 0
+  batch = scheduler.schedule()       # b now needs a 2nd page: none left, so b (the latest) is preempted
+  assert batch.seqs == [a] and scheduler.waiting[0] is b and b.status is Status.WAITING
+  assert b.num_computed_tokens == 0 and b.block_table == [] and scheduler.num_preemptions == 1
+  scheduler.remove(a)
+  batch = scheduler.schedule()       # readmitted: its full first page is still cached, its new token recomputed
+  assert batch.prefill and batch.seqs == [b] and batch.num_tokens == [1] and b.num_cached_tokens == PAGE_SIZE
+
+
+def test_a_sequence_longer_than_the_cache_is_refused():
+  scheduler = Scheduler(BlockManager(3), max_num_seqs=1, max_num_batched_tokens=10)
+  with pytest.raises(ValueError, match="more pages than the cache"):
+    scheduler.add(seq(2 * PAGE_SIZE))
+
+
+def test_prefix_pages_are_shared_and_survive_their_first_sequence():
+  blocks = BlockManager(16)
+  scheduler = Scheduler(blocks, max_num_seqs=4, max_num_batched_tokens=1000)
+  a = seq(3 * PAGE_SIZE + 5)
+  scheduler.add(a)
+  run(scheduler, scheduler.schedule())
+  pages = list(a.block_table)
+  scheduler.remove(a)               # its pages are free but keep their hashes
+  b = seq(3 * PAGE_SIZE + 5)        # the same tokens
+  scheduler.add(b)
+  batch = scheduler.schedule()
+  assert b.num_cached_tokens == 3 * PAGE_SIZE and batch.num_tokens == [5] and b.block_table[:3] == pages[:3]
+  c = seq(2 * PAGE_SIZE)            # exactly two pages: the second is recomputed, so logits exist
+  scheduler.add(c)
+  run(scheduler, batch)
+  assert not scheduler.schedule().prefill  # decode and prefill alternate: c is admitted by the next step
+  batch = scheduler.schedule()
+  assert c in batch.seqs and c.num_cached_tokens == PAGE_SIZE and c.block_table[0] == b.block_table[0]
+  assert blocks.hit_tokens == 4 * PAGE_SIZE
+
+
+def test_a_page_is_hashed_only_once_computed():
+  blocks = BlockManager(16)
+  scheduler = Scheduler(blocks, max_num_seqs=4, max_num_batched_tokens=PAGE_SIZE)
+  a = seq(2 * PAGE_SIZE + 1)
+  scheduler.add(a)
+  batch = scheduler.schedule()      # only the first page's tokens are computed in this step
+  run(scheduler, batch)
+  b = seq(2 * PAGE_SIZE + 1)
+  scheduler.add(b)
+  assert len(blocks.cached_prefix(b)) == 1  # a's second page is allocated but not computed: no hit
