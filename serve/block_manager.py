@@ -25,9 +25,14 @@ class BlockManager:
 
   Args:
     num_pages: pages in the device cache, the trash page included.
+    spill: optional `spill(page, key)`, called before a cached page is handed out again, while
+      it still holds its tokens (the engine copies it to the on-disk KV-cache store).
+    load: optional `load(keys, pages) -> n`: fills the fresh `pages` with the stored pages of
+      the leading `keys` it has, returning how many (the engine reads them from the store).
+      Called at admission for the full pages past the device's cached prefix.
   """
 
-  def __init__(self, num_pages: int):
+  def __init__(self, num_pages: int, *, spill=None, load=None):
     if num_pages < 2:
       raise ValueError(f"num_pages must be >= 2 (page 0 is reserved for padding), got {num_pages}")
     self.num_pages = num_pages
@@ -35,7 +40,9 @@ class BlockManager:
     self._refs = [0] * num_pages
     self._hash_of: list[bytes | None] = [None] * num_pages
     self._page_of: dict[bytes, int] = {}
-    self.hit_tokens = 0    # prompt tokens found in the prefix cache, since start
+    self._spill, self._load = spill, load
+    self.hit_tokens = 0    # prompt tokens found in the prefix cache (device or store), since start
+    self.store_hit_tokens = 0  # of those, read back from the KV-cache store
     self.query_tokens = 0  # prompt tokens looked up
 
   @property
@@ -79,9 +86,19 @@ class BlockManager:
       if self._refs[page] == 0:
         del self._free[page]
       self._refs[page] += 1
-    seq.block_table = cached + [self._take() for _ in range(self.pages_for(len(seq)) - len(cached))]
-    seq.num_computed_tokens = seq.num_cached_tokens = len(cached) * PAGE_SIZE
-    self.hit_tokens += len(cached) * PAGE_SIZE
+    fresh = [self._take() for _ in range(self.pages_for(len(seq)) - len(cached))]
+    loaded = 0
+    if self._load is not None:  # full pages past the device's prefix may be in the store
+      keys = self._hashes(seq, (len(seq) - 1) // PAGE_SIZE)[len(cached):]
+      loaded = self._load(keys, fresh[:len(keys)]) if keys else 0
+      for key, page in zip(keys[:loaded], fresh):
+        if key not in self._page_of:
+          self._hash_of[page], self._page_of[key] = key, page
+      self.store_hit_tokens += loaded * PAGE_SIZE
+    seq.block_table = cached + fresh
+    seq.num_computed_tokens = seq.num_cached_tokens = (len(cached) + loaded) * PAGE_SIZE
+    seq.num_hashed_pages = len(cached) + loaded
+    self.hit_tokens += (len(cached) + loaded) * PAGE_SIZE
     self.query_tokens += len(seq)
 
   def _take(self) -> int:
@@ -89,6 +106,8 @@ class BlockManager:
       raise RuntimeError("no free page: check can_allocate / can_append first")
     page, _ = self._free.popitem(last=False)
     if self._hash_of[page] is not None:  # its cached contents are overwritten from now on
+      if self._spill is not None:
+        self._spill(page, self._hash_of[page])
       del self._page_of[self._hash_of[page]]
       self._hash_of[page] = None
     self._refs[page] = 1

@@ -18,6 +18,7 @@ import os
 import random
 
 import jax.numpy as jnp
+import numpy as np
 
 import model as model_lib
 from serve.block_manager import PAGE_SIZE, BlockManager
@@ -64,11 +65,15 @@ class LLMEngine:
     max_model_len: the longest prompt plus output; default the model's
       `max_position_embeddings`, capped by the cache.
     seed: seeds the requests that bring none.
+    kv_store: an optional `storage.kvcache.KVCacheStore` whose `page_bytes` is one cache page of
+      this model (`LLMEngine.page_bytes_for(model)`): pages leaving the device's prefix cache
+      are written there, and a prompt whose next full pages are there reads them back instead
+      of recomputing them.
   """
 
   def __init__(self, model: str | None = None, *, dtype: str = "float32", max_num_seqs: int = 8,
                max_num_batched_tokens: int = 256, num_kv_pages: int = 128, max_model_len: int | None = None,
-               seed: int = 0):
+               seed: int = 0, kv_store=None):
     net, self.tokenizer, self.model_name = load_model(model, dtype)
     config = net.config
     limit = min(config.max_position_embeddings, (num_kv_pages - 1) * PAGE_SIZE)
@@ -79,15 +84,39 @@ class LLMEngine:
                        f"{num_kv_pages - 1} pages), got {max_model_len!r}")
     self.max_model_len = max_model_len
     self.vocab_size = min(config.vocab_size, self.tokenizer.vocab_size)
-    self.blocks = BlockManager(num_kv_pages)
-    self.scheduler = Scheduler(self.blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
     self.max_prefill_length = bucket(max(16, max_num_batched_tokens), 1 << 30)
     max_pages = BlockManager.pages_for(max_model_len + self.max_prefill_length)
     self.runner = ModelRunner(net, num_pages=num_kv_pages, max_pages_per_seq=max_pages, vocab_limit=self.vocab_size)
+    self.kv_store = kv_store
+    if kv_store is not None and kv_store.page_bytes != self.runner.page_bytes:
+      raise ValueError(f"kv_store holds pages of {kv_store.page_bytes} bytes; this model's cache pages are "
+                       f"{self.runner.page_bytes}")
+    hooks = {} if kv_store is None else {"spill": self._spill, "load": self._load}
+    self.blocks = BlockManager(num_kv_pages, **hooks)
+    self.scheduler = Scheduler(self.blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
     self._seeds = random.Random(seed)
     self._arrivals = 0
     self._requests: dict[str, tuple[Sequence, IncrementalText]] = {}
     self.prompt_tokens = self.generation_tokens = 0
+
+  # -- the on-disk KV-cache store --
+  @staticmethod
+  def page_bytes_for(config) -> int:
+    """Bytes of one cache page of a model with this `ModelConfig` (what a `kv_store` must hold)."""
+    return config.num_hidden_layers * PAGE_SIZE * (config.kv_lora_rank + config.qk_rope_head_dim) * 2
+
+  def _spill(self, page: int, key: bytes) -> None:
+    self.kv_store.put(key, self.runner.read_page(page))  # already stored: a no-op
+
+  def _load(self, keys: list[bytes], pages: list[int]) -> int:
+    available = self.kv_store.batch_exists(keys)
+    if not available:
+      return 0
+    found, data = self.kv_store.get_many(keys[:available])
+    loaded = int(np.argmin(found)) if not found.all() else available  # the leading run actually read
+    if loaded:
+      self.runner.write_pages(pages[:loaded], data)
+    return loaded
 
   # -- requests --
   def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:

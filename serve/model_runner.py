@@ -65,8 +65,30 @@ class ModelRunner:
     self.cache = model.init_cache(num_pages, dtype=jnp.bfloat16)
     self.max_pages_per_seq = max_pages_per_seq
     self.vocab_limit = vocab_limit
-    self._step = jax.jit(functools.partial(_step, self.graphdef, vocab_limit=vocab_limit), donate_argnums=(1,))
+    # One jit for all runners: engines of the same model and shapes (in one process) share programs.
+    self._step = functools.partial(_step, self.graphdef, vocab_limit=vocab_limit)
     self.compiled_shapes: set[tuple[int, int]] = set()
+
+  @property
+  def page_bytes(self) -> int:
+    """Bytes of one page across every layer (`[layers, 64, 1, D]` bfloat16)."""
+    return self.cache[:, 0].size * self.cache.dtype.itemsize
+
+  def read_page(self, page: int) -> np.ndarray:
+    """One page of every layer, as `[page_bytes]` uint8 on the host."""
+    return np.asarray(_read_page(self.cache, page)).reshape(-1).view(np.uint8)
+
+  def write_pages(self, pages: list[int], data: np.ndarray) -> None:
+    """Writes `data` (`[len(pages), page_bytes]` uint8 from `read_page`) into `pages`."""
+    n = len(pages)
+    padded = bucket(n, 1 << 30)  # a few compiled shapes; the padding rows go to the trash page
+    index = np.full(padded, TRASH_PAGE, np.int32)
+    index[:n] = pages
+    rows = np.zeros((padded, self.page_bytes), np.uint8)
+    rows[:n] = data[:n]
+    layers, _, size, heads, width = self.cache.shape
+    values = rows.view(self.cache.dtype).reshape(padded, layers, size, heads, width)
+    self.cache = _write_pages(self.cache, jnp.asarray(index), jnp.asarray(values))
 
   def run(self, rows: list[tuple[list[int], int, list[int], tuple[float, int, float, int]]], *, batch: int,
           length: int) -> np.ndarray:
@@ -103,6 +125,7 @@ class ModelRunner:
     return StepInput(tokens, positions, table, last, temperature, top_k, top_p, seeds)
 
 
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("vocab_limit",), donate_argnums=(2,))
 def _step(graphdef, state, cache, tokens, positions, block_table, last, temperature, top_k, top_p, seeds, *,
           vocab_limit: int):
   model = nnx.merge(graphdef, state)
@@ -110,3 +133,13 @@ def _step(graphdef, state, cache, tokens, positions, block_table, last, temperat
   rows = logits[jnp.arange(tokens.shape[0]), last]
   next_positions = positions[jnp.arange(tokens.shape[0]), last] + 1
   return sample(rows, temperature, top_k, top_p, seeds, next_positions, vocab_limit=vocab_limit), cache
+
+
+@jax.jit
+def _read_page(cache, page):
+  return cache[:, page]
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _write_pages(cache, pages, values):
+  return cache.at[:, pages].set(jnp.moveaxis(values, 0, 1))

@@ -1,0 +1,46 @@
+"""Pages leaving the device's prefix cache go to the on-disk KV-cache store and come back on a hit, with the same output."""
+
+from __future__ import annotations
+
+import pytest
+
+import storage
+from serve.engine import LLMEngine
+from serve.llm import LLM
+from serve.sampling_params import SamplingParams
+from storage.kv import SqliteKV
+from storage.kvcache import KVCacheStore
+from tests.serve.test_engine import PROMPTS
+from tests.storage.local_cluster import LocalCluster
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+  import model
+  root = tmp_path_factory.mktemp("kvstore")
+  with LocalCluster(root / "cluster", gc_delay_s=0.0) as cluster, storage.connect(cluster.address) as client:
+    kv = SqliteKV(root / "index.db")
+    page_bytes = LLMEngine.page_bytes_for(model.ModelConfig.from_hf(model.DEMO_CHECKPOINT))
+    yield KVCacheStore(client, kv, "/serve-kv", page_bytes=page_bytes, capacity_pages=64)
+    kv.close()
+
+
+def test_spilled_pages_are_read_back_and_give_the_same_output(store):
+  # The same shapes as test_engine's engine (compiled programs are shared); 7 usable pages.
+  llm = LLM(max_num_seqs=4, max_num_batched_tokens=16, num_kv_pages=8, max_model_len=256, kv_store=store)
+  engine = llm.engine
+  greedy = SamplingParams(temperature=0, max_tokens=8)
+  long_prompt = PROMPTS[1] + PROMPTS[3]  # about 180 tokens: 2 full pages can be cached
+  first = llm.generate(long_prompt, greedy)[0]
+  assert first.num_cached_tokens == 0 and store.stats().used_pages == 0
+  for prompt in PROMPTS:  # other prompts take the free pages over: the long prompt's cached pages are spilled
+    llm.generate(prompt * 2, greedy)
+  assert store.stats().used_pages >= 2
+  again = llm.generate(long_prompt, greedy)[0]
+  assert again.num_cached_tokens == 128 and engine.blocks.store_hit_tokens >= 64  # at least one page from the store
+  assert again.token_ids == first.token_ids
+
+
+def test_a_store_of_another_page_size_is_refused(store, tmp_path):
+  with pytest.raises(ValueError, match="kv_store holds pages"):
+    LLMEngine(num_kv_pages=8, max_model_len=256, kv_store=type("S", (), {"page_bytes": 12})())
