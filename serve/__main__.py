@@ -1,0 +1,72 @@
+"""`python -m serve`: the OpenAI-compatible server, or one completion printed as it streams.
+
+  python -m serve                                  # the bundled demo model on 127.0.0.1:8000
+  python -m serve --model PATH --port 8080 --max_num_seqs 16
+  python -m serve --prompt "Once upon a time" --max_tokens 32 --temperature 0
+"""
+
+import sys
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "Checkpoint directory or preset name; default: the bundled demo checkpoint "
+                    "(model.DEMO_CHECKPOINT).")
+flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
+flags.DEFINE_integer("port", 8000, "Port to listen on; 0 picks a free one (the ready line names it).")
+flags.DEFINE_integer("max_num_seqs", 8, "Most sequences in one batch.")
+flags.DEFINE_integer("max_num_batched_tokens", 256, "Most tokens (prefill and decode) in one step.")
+flags.DEFINE_integer("num_kv_pages", 128, "KV-cache pages.")
+flags.DEFINE_integer("max_model_len", None, "Longest sequence, prompt plus output; default: the model's.")
+flags.DEFINE_string("dtype", "float32", "dtype of the weights (float32 or bfloat16); the latent KV cache is bfloat16.")
+flags.DEFINE_integer("seed", 0, "Engine seed, for requests that give none.")
+flags.DEFINE_string("prompt", None, "Print one completion of this prompt, token by token, and exit (no server).")
+flags.DEFINE_integer("max_tokens", 64, "--prompt mode: most tokens to generate.")
+flags.DEFINE_float("temperature", 0.0, "--prompt mode: sampling temperature (0: greedy).")
+flags.DEFINE_float("top_p", 1.0, "--prompt mode: nucleus sampling threshold.")
+flags.DEFINE_integer("top_k", 0, "--prompt mode: keep the k most likely tokens (0: all).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+
+  import jax
+
+  import model
+  from serve.engine import LLMEngine
+  from serve.sampling_params import SamplingParams
+
+  logging.info("process %d of %d", jax.process_index(), jax.process_count())
+  try:
+    params = SamplingParams(temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k,
+                            max_tokens=FLAGS.max_tokens)
+    engine = LLMEngine(FLAGS.model or model.DEMO_CHECKPOINT, dtype=FLAGS.dtype, max_num_seqs=FLAGS.max_num_seqs,
+                       max_num_batched_tokens=FLAGS.max_num_batched_tokens, num_kv_pages=FLAGS.num_kv_pages,
+                       max_model_len=FLAGS.max_model_len, seed=FLAGS.seed)
+    if FLAGS.prompt is not None:
+      complete(engine, FLAGS.prompt, params)
+      return
+  except ValueError as err:
+    raise app.UsageError(str(err)) from None
+
+  import asyncio
+
+  from serve import server
+
+  asyncio.run(server.serve(engine, host=FLAGS.host, port=FLAGS.port,
+                           on_ready=lambda url: print(f"serve: listening on {url}", flush=True)))
+
+
+def complete(engine, prompt: str, params) -> None:
+  """Streams one completion of `prompt` to stdout as the engine produces it."""
+  engine.add_request("prompt", prompt, params)
+  while engine.has_unfinished():
+    for output in engine.step():
+      sys.stdout.write(output.new_text)
+      sys.stdout.flush()
+  sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
