@@ -22,13 +22,14 @@ from absl import app  # noqa: E402
 
 from benchmarks import (bench_balancer, bench_checkpoint, bench_ep, bench_ffi, bench_fp8, bench_graysort,  # noqa: E402
                         bench_kvcache, bench_mla, bench_pipeline, bench_sharded_checkpoint,
-                        bench_storage)
+                        bench_storage, serve_load)
 from benchmarks.harness import append_results, format_table  # noqa: E402
 
 SUITES = {"balancer": bench_balancer.run, "fp8": bench_fp8.run, "mla": bench_mla.run, "ffi": bench_ffi.run,
           "ep": bench_ep.run, "storage": bench_storage.run, "checkpoint": bench_checkpoint.run,
           "pipeline": bench_pipeline.run, "graysort": bench_graysort.run,
-          "kvcache": bench_kvcache.run, "sharded_checkpoint": bench_sharded_checkpoint.run}
+          "kvcache": bench_kvcache.run, "sharded_checkpoint": bench_sharded_checkpoint.run,
+          "serve": serve_load.run}
 
 
 def main(argv):

@@ -8,11 +8,13 @@ import pytest
 
 def test_all_suites_import_together():
   from benchmarks.__main__ import SUITES
-  assert set(SUITES) == {"balancer", "fp8", "mla", "ffi", "ep", "storage", "checkpoint", "pipeline"}
+  assert set(SUITES) == {"balancer", "fp8", "mla", "ffi", "ep", "storage", "checkpoint", "pipeline", "graysort",
+                         "kvcache", "sharded_checkpoint", "serve"}
 
 
 @pytest.mark.parametrize("suite", ["bench_balancer", "bench_fp8", "bench_mla", "bench_ffi", "bench_ep",
-                                   "bench_storage", "bench_checkpoint", "bench_pipeline"])
+                                   "bench_storage", "bench_checkpoint", "bench_pipeline", "bench_graysort",
+                                   "bench_kvcache", "bench_sharded_checkpoint", "serve_load"])
 def test_each_suite_is_a_program(suite):
   result = subprocess.run([sys.executable, "-m", f"benchmarks.{suite}", "--helpshort"], capture_output=True,
                           text=True, timeout=120)
