@@ -117,8 +117,10 @@ def _schedule(seqlens: jax.Array, num_sm_parts: int) -> tuple[jax.Array, jax.Arr
     metadata = metadata.at[part].set(row)
     return last, next_block, next_split, splits, metadata
 
-  init = (jnp.int32(0), jnp.int32(0), jnp.int32(0), jnp.zeros(batch, jnp.int32),
-          jnp.zeros((num_sm_parts, METADATA_SIZE), jnp.int32))
+  # Zeros typed like seqlens: under shard_map (data-parallel decode) the loop carry varies over
+  # the same mesh axes as the lengths, so the loop's input and output types agree.
+  zero = jnp.zeros_like(seqlens[0])
+  init = (zero, zero, zero, jnp.zeros(batch, jnp.int32) + zero, jnp.zeros((num_sm_parts, METADATA_SIZE), jnp.int32) + zero)
   _, _, _, splits, metadata = jax.lax.fori_loop(0, num_sm_parts, one_partition, init)
   num_splits = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(splits, dtype=jnp.int32)])
   return metadata, num_splits

@@ -67,9 +67,11 @@ def flash_mla_splitkv(q, k_cache, block_table, cache_seqlens, tile_scheduler_met
     acc = acc * rescale[..., None] + jnp.einsum("pkrt,ptkd->pkrd", probs, v)
     return new_max, denom * rescale + probs.sum(axis=-1), acc
 
-  init = (jnp.full((num_pieces, heads_k, num_rows), -jnp.inf, jnp.float32),
-          jnp.zeros((num_pieces, heads_k, num_rows), jnp.float32),
-          jnp.zeros((num_pieces, heads_k, num_rows, head_dim_v), jnp.float32))
+  # Typed like the queries: under shard_map the loop carry varies over the same mesh axes.
+  zero = jnp.zeros_like(q.reshape(-1)[:1].astype(jnp.float32)[0])
+  init = (jnp.full((num_pieces, heads_k, num_rows), -jnp.inf, jnp.float32) + zero,
+          jnp.zeros((num_pieces, heads_k, num_rows), jnp.float32) + zero,
+          jnp.zeros((num_pieces, heads_k, num_rows, head_dim_v), jnp.float32) + zero)
   steps = jnp.max(jnp.where(valid, stop - start, 0))
   row_max, denom, acc = jax.lax.fori_loop(0, steps, step, init)
   seen = row_max > -jnp.inf  # saw a visible key; NaN from a bad read stays NaN (NaN > x is False, so test ==)

@@ -92,3 +92,27 @@ def test_combine_matches_one_softmax():
 def test_bad_input(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+def test_data_parallel_decode_under_shard_map():
+  """Each rank schedules and attends over its own requests (serving's data-parallel attention): the loops' carries vary over the mesh axis."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.make_mesh((2,), ("dp",), devices=jax.devices()[:2])
+  rng = np.random.default_rng(0)
+  seqlens = np.array([70, 5, 130, 64], np.int32)
+  q = jnp.asarray(rng.standard_normal((4, 1, 4, 64)), jnp.bfloat16)
+  k_cache = jnp.asarray(rng.standard_normal((2, 8, 64, 1, 64)), jnp.bfloat16)  # [ranks, pages, 64, 1, d]
+  tables = np.array([[1, 2, 0], [3, 0, 0], [1, 2, 3], [4, 0, 0]], np.int32)
+
+  def local(q, k_cache, tables, seqlens):
+    metadata, splits = mla.get_mla_metadata(seqlens, 4, 1)
+    out, _ = mla.flash_mla_with_kvcache(q, k_cache[0], tables, seqlens, 32, metadata, splits)
+    return out
+
+  put = lambda a: jax.device_put(jnp.asarray(a), NamedSharding(mesh, P("dp")))
+  got = np.asarray(jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P("dp"), out_specs=P("dp")))(
+      put(q), put(k_cache), put(tables), put(seqlens)), np.float32)
+  for rank in range(2):  # the same requests, one rank at a time, outside shard_map
+    rows = slice(2 * rank, 2 * rank + 2)
+    want = local(q[rows], k_cache[rank:rank + 1], tables[rows], jnp.asarray(seqlens[rows]))
+    np.testing.assert_array_equal(got[rows], np.asarray(want, np.float32))
