@@ -15,11 +15,14 @@ flags.DEFINE_string("model", None, "Checkpoint directory or preset name; default
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
 flags.DEFINE_integer("port", 8000, "Port to listen on; 0 picks a free one (the ready line names it).")
 flags.DEFINE_integer("max_num_seqs", 8, "Most sequences in one batch.")
-flags.DEFINE_integer("max_num_batched_tokens", 256, "Most tokens (prefill and decode) in one step.")
+flags.DEFINE_integer("max_num_batched_tokens", 256, "Most prompt tokens one prefill step computes (chunked prefill).")
 flags.DEFINE_integer("num_kv_pages", 128, "KV-cache pages.")
 flags.DEFINE_integer("max_model_len", None, "Longest sequence, prompt plus output; default: the model's.")
 flags.DEFINE_string("dtype", "float32", "dtype of the weights (float32 or bfloat16); the latent KV cache is bfloat16.")
 flags.DEFINE_integer("seed", 0, "Engine seed, for requests that give none.")
+flags.DEFINE_integer("ep", 1, "Devices for data-parallel attention with the routed experts split over them "
+                     "(DeepSeek's decode layout); each has its own KV cache of --num_kv_pages pages and up to "
+                     "--max_num_seqs sequences.")
 flags.DEFINE_string("prompt", None, "Print one completion of this prompt, token by token, and exit (no server).")
 flags.DEFINE_integer("max_tokens", 64, "--prompt mode: most tokens to generate.")
 flags.DEFINE_float("temperature", 0.0, "--prompt mode: sampling temperature (0: greedy).")
@@ -43,7 +46,7 @@ def main(argv):
                             max_tokens=FLAGS.max_tokens)
     engine = LLMEngine(FLAGS.model or model.DEMO_CHECKPOINT, dtype=FLAGS.dtype, max_num_seqs=FLAGS.max_num_seqs,
                        max_num_batched_tokens=FLAGS.max_num_batched_tokens, num_kv_pages=FLAGS.num_kv_pages,
-                       max_model_len=FLAGS.max_model_len, seed=FLAGS.seed)
+                       max_model_len=FLAGS.max_model_len, seed=FLAGS.seed, ep=FLAGS.ep)
     if FLAGS.prompt is not None:
       complete(engine, FLAGS.prompt, params)
       return

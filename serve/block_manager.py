@@ -59,7 +59,13 @@ class BlockManager:
     return -(-num_tokens // PAGE_SIZE)
 
   def _hashes(self, seq: Sequence, num_pages: int) -> list[bytes]:
-    return prefix_hashes(seq.token_ids[:num_pages * PAGE_SIZE], PAGE_SIZE)
+    """The prefix hashes of `seq`'s first `num_pages` pages, extended from those computed before
+    (tokens are only ever appended, so earlier hashes stay valid)."""
+    known = seq.page_hashes
+    if len(known) < num_pages:
+      parent = known[-1] if known else None
+      known += prefix_hashes(seq.token_ids[len(known) * PAGE_SIZE:num_pages * PAGE_SIZE], PAGE_SIZE, parent)
+    return known[:num_pages]
 
   def cached_prefix(self, seq: Sequence) -> list[int]:
     """The pages already holding the leading full pages of `seq`'s tokens (not its last token:
@@ -96,10 +102,13 @@ class BlockManager:
           self._hash_of[page], self._page_of[key] = key, page
       self.store_hit_tokens += loaded * PAGE_SIZE
     seq.block_table = cached + fresh
-    seq.num_computed_tokens = seq.num_cached_tokens = (len(cached) + loaded) * PAGE_SIZE
+    seq.num_computed_tokens = (len(cached) + loaded) * PAGE_SIZE
     seq.num_hashed_pages = len(cached) + loaded
-    self.hit_tokens += (len(cached) + loaded) * PAGE_SIZE
-    self.query_tokens += len(seq)
+    if not seq.admitted:  # counted once: a preempted sequence's readmission is not a new prompt
+      seq.admitted = True
+      seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
+      self.hit_tokens += seq.num_cached_tokens
+      self.query_tokens += seq.num_prompt_tokens
 
   def _take(self) -> int:
     if not self._free:

@@ -14,13 +14,18 @@ OpenAI-compatible HTTP server.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 
+from absl import logging
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 import model as model_lib
+from model.sharding import EP_AXIS
 from serve.block_manager import PAGE_SIZE, BlockManager
 from serve.detokenizer import IncrementalText
 from serve.model_runner import ModelRunner, bucket
@@ -33,8 +38,9 @@ from serve.tokenizers import load_tokenizer
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def load_model(name: str | None, dtype: str):
-  """(model, tokenizer, model name) for a checkpoint path, a preset name (random weights), or None (the demo)."""
+def load_model(name: str | None, dtype: str, mesh=None):
+  """(model, tokenizer, model name) for a checkpoint path, a preset name (random weights), or None (the demo);
+  with a mesh, the routed experts are split over its `ep` axis."""
   if dtype not in DTYPES:
     raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
   if name is None or os.path.abspath(name) == os.path.abspath(model_lib.DEMO_CHECKPOINT):
@@ -45,10 +51,13 @@ def load_model(name: str | None, dtype: str):
     from flax import nnx
     net = model_lib.DeepseekV3(model_lib.PRESETS[name], rngs=nnx.Rngs(0), dtype=DTYPES[dtype],
                                param_dtype=DTYPES[dtype])
+    if mesh is not None:
+      from model.sharding import shard_model
+      shard_model(net, mesh)
     return net, load_tokenizer(None), name
   else:
     raise ValueError(f"model must be a checkpoint directory or a preset ({sorted(model_lib.PRESETS)}), got {name!r}")
-  net = model_lib.from_pretrained(path, dtype=DTYPES[dtype])  # MTP modules load when present (not used yet)
+  net = model_lib.from_pretrained(path, dtype=DTYPES[dtype], mesh=mesh)  # MTP modules load when present (unused)
   return net, load_tokenizer(path), model_name
 
 
@@ -65,6 +74,10 @@ class LLMEngine:
     max_model_len: the longest prompt plus output; default the model's
       `max_position_embeddings`, capped by the cache.
     seed: seeds the requests that bring none.
+    ep: data-parallel attention with the routed experts split over `ep` devices (DeepSeek's
+      decode layout): each rank has a cache of `num_kv_pages` pages and up to `max_num_seqs`
+      sequences of its own, admitted to the rank with the longest cached prefix, then the most
+      free pages; the MoE layers dispatch tokens to their experts' ranks. 1: one device.
     kv_store: an optional `storage.kvcache.KVCacheStore` whose `page_bytes` is one cache page of
       this model (`LLMEngine.page_bytes_for(model)`): pages leaving the device's prefix cache
       are written there, and a prompt whose next full pages are there reads them back instead
@@ -73,8 +86,11 @@ class LLMEngine:
 
   def __init__(self, model: str | None = None, *, dtype: str = "float32", max_num_seqs: int = 8,
                max_num_batched_tokens: int = 256, num_kv_pages: int = 128, max_model_len: int | None = None,
-               seed: int = 0, kv_store=None):
-    net, self.tokenizer, self.model_name = load_model(model, dtype)
+               seed: int = 0, ep: int = 1, kv_store=None):
+    if isinstance(ep, bool) or not isinstance(ep, int) or not 1 <= ep <= len(jax.devices()):
+      raise ValueError(f"ep must be an int in [1, {len(jax.devices())}] (the devices here), got {ep!r}")
+    mesh = None if ep == 1 else jax.make_mesh((ep,), (EP_AXIS,), devices=jax.devices()[:ep])
+    net, self.tokenizer, self.model_name = load_model(model, dtype, mesh)
     config = net.config
     limit = min(config.max_position_embeddings, (num_kv_pages - 1) * PAGE_SIZE)
     if max_model_len is None:
@@ -86,14 +102,17 @@ class LLMEngine:
     self.vocab_size = min(config.vocab_size, self.tokenizer.vocab_size)
     self.max_prefill_length = bucket(max(16, max_num_batched_tokens), 1 << 30)
     max_pages = BlockManager.pages_for(max_model_len + self.max_prefill_length)
-    self.runner = ModelRunner(net, num_pages=num_kv_pages, max_pages_per_seq=max_pages, vocab_limit=self.vocab_size)
+    self.runner = ModelRunner(net, num_pages=num_kv_pages, max_pages_per_seq=max_pages, vocab_limit=self.vocab_size,
+                              mesh=mesh)
     self.kv_store = kv_store
     if kv_store is not None and kv_store.page_bytes != self.runner.page_bytes:
       raise ValueError(f"kv_store holds pages of {kv_store.page_bytes} bytes; this model's cache pages are "
                        f"{self.runner.page_bytes}")
-    hooks = {} if kv_store is None else {"spill": self._spill, "load": self._load}
-    self.blocks = BlockManager(num_kv_pages, **hooks)
-    self.scheduler = Scheduler(self.blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+    hooks = lambda rank: {} if kv_store is None else {"spill": functools.partial(self._spill, rank),
+                                                       "load": functools.partial(self._load, rank)}
+    self.ranks = [BlockManager(num_kv_pages, **hooks(rank)) for rank in range(ep)]
+    self.blocks = self.ranks[0]
+    self.scheduler = Scheduler(self.ranks, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
     self._seeds = random.Random(seed)
     self._arrivals = 0
     self._requests: dict[str, tuple[Sequence, IncrementalText]] = {}
@@ -105,17 +124,25 @@ class LLMEngine:
     """Bytes of one cache page of a model with this `ModelConfig` (what a `kv_store` must hold)."""
     return config.num_hidden_layers * PAGE_SIZE * (config.kv_lora_rank + config.qk_rope_head_dim) * 2
 
-  def _spill(self, page: int, key: bytes) -> None:
-    self.kv_store.put(key, self.runner.read_page(page))  # already stored: a no-op
+  # Both are best effort: the store is a cache, and its failure must not lose pages or requests.
+  def _spill(self, rank: int, page: int, key: bytes) -> None:
+    try:
+      self.kv_store.put(key, self.runner.read_page(page, rank))  # already stored: a no-op
+    except Exception:  # noqa: BLE001 -- the page is simply not kept
+      logging.warning("KV-cache store: spilling a page failed; it is dropped", exc_info=True)
 
-  def _load(self, keys: list[bytes], pages: list[int]) -> int:
-    available = self.kv_store.batch_exists(keys)
-    if not available:
+  def _load(self, rank: int, keys: list[bytes], pages: list[int]) -> int:
+    try:
+      available = self.kv_store.batch_exists(keys)
+      if not available:
+        return 0
+      found, data = self.kv_store.get_many(keys[:available])
+    except Exception:  # noqa: BLE001 -- the pages are recomputed instead
+      logging.warning("KV-cache store: reading pages failed; they are recomputed", exc_info=True)
       return 0
-    found, data = self.kv_store.get_many(keys[:available])
     loaded = int(np.argmin(found)) if not found.all() else available  # the leading run actually read
     if loaded:
-      self.runner.write_pages(pages[:loaded], data)
+      self.runner.write_pages(pages[:loaded], data, rank)
     return loaded
 
   # -- requests --
@@ -133,6 +160,9 @@ class LLMEngine:
     if len(ids) >= self.max_model_len:
       raise ValueError(f"prompt is too long: {len(ids)} tokens, and this model serves at most {self.max_model_len} "
                        f"(prompt plus at least one generated token)")
+    if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
+      raise ValueError(f"prompt plus max_tokens is too long: {len(ids)} + {params.max_tokens} tokens, and this model "
+                       f"serves at most {self.max_model_len}")
     if params.seed is None:
       params = SamplingParams(**{**params.__dict__, "seed": self._seeds.randrange(2**32)})
     seq = Sequence(request_id, ids, params, self._arrivals)
@@ -150,9 +180,11 @@ class LLMEngine:
     return bool(self._requests)
 
   def stats(self) -> EngineStats:
+    ranks = self.ranks
     return EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
-                       kv_cache_usage=self.blocks.usage, prefix_cache_hit_tokens=self.blocks.hit_tokens,
-                       prefix_cache_query_tokens=self.blocks.query_tokens, prompt_tokens=self.prompt_tokens,
+                       kv_cache_usage=sum(b.usage for b in ranks) / len(ranks),
+                       prefix_cache_hit_tokens=sum(b.hit_tokens for b in ranks),
+                       prefix_cache_query_tokens=sum(b.query_tokens for b in ranks), prompt_tokens=self.prompt_tokens,
                        generation_tokens=self.generation_tokens)
 
   # -- one step --
@@ -169,13 +201,15 @@ class LLMEngine:
                    (p.temperature, p.top_k, p.top_p, p.seed)))
     # Prefill chunks pad to powers of two from 16 (fewer programs to compile); decode is one token.
     length = bucket(max(16, max(batch.num_tokens)), self.max_prefill_length) if batch.prefill else 1
-    sampled = self.runner.run(rows, batch=bucket(len(rows), self.scheduler.max_num_seqs), length=length)
+    ranks = [seq.rank for seq in batch.seqs]
+    per_rank = max(ranks.count(r) for r in set(ranks))  # rows of the busiest rank: every rank pads to it
+    sampled = self.runner.run(rows, batch=bucket(per_rank, self.scheduler.max_num_seqs), length=length, ranks=ranks)
     outputs = []
     for seq, count, token in zip(batch.seqs, batch.num_tokens, sampled):
       if batch.prefill:
         self.prompt_tokens += count
       seq.num_computed_tokens += count
-      self.blocks.computed(seq)
+      self.ranks[seq.rank].computed(seq)
       if seq.num_computed_tokens < len(seq):
         continue  # a prompt chunk: no token yet
       seq.token_ids.append(int(token))

@@ -36,10 +36,10 @@ class LLM:
     if len(params) != len(prompts):
       raise ValueError(f"params must be one SamplingParams or one per prompt: {len(params)} for {len(prompts)}")
     ids = [f"generate-{id(self)}-{i}" for i in range(len(prompts))]
-    for request_id, prompt, p in zip(ids, prompts, params):
-      self.engine.add_request(request_id, prompt, p)
     done: dict[str, RequestOutput] = {}
     try:
+      for request_id, prompt, p in zip(ids, prompts, params):  # a refused prompt leaves none of the batch queued
+        self.engine.add_request(request_id, prompt, p)
       while len(done) < len(ids):
         for out in self.engine.step():
           if out.finished:

@@ -16,7 +16,7 @@ class SamplingParams:
     top_p: keep the smallest set of tokens whose probability reaches p (1.0: all).
     max_tokens: the most tokens to generate; None: until the model's length limit.
     stop: strings that end the output when generated; the output excludes the stop string.
-    seed: the request's random seed; the same seed, prompt and parameters give the same output
+    seed: the request's random seed, in [0, 2**32); the same seed, prompt and parameters give the same output
       whatever else is batched with it. None: drawn from the engine's seed.
     ignore_eos: keep generating past the end-of-sequence token.
   """
@@ -41,7 +41,7 @@ class SamplingParams:
     if self.max_tokens is not None:
       _integer("max_tokens", self.max_tokens, minimum=1)
     if self.seed is not None:
-      _integer("seed", self.seed, minimum=0)
+      _integer("seed", self.seed, minimum=0, maximum=2**32 - 1)  # a uint32 on the device
     if not all(isinstance(s, str) and s for s in self.stop):
       raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
     if not isinstance(self.ignore_eos, bool):
@@ -59,8 +59,8 @@ def _number(name: str, value, *, minimum: float, maximum: float = math.inf) -> N
     raise ValueError(f"{name} must be in [{minimum}, {maximum}], got {value}")
 
 
-def _integer(name: str, value, *, minimum: int) -> None:
+def _integer(name: str, value, *, minimum: int, maximum: int = 2**31 - 1) -> None:
   if isinstance(value, bool) or not isinstance(value, int):
     raise ValueError(f"{name} must be an int, got {value!r}")
-  if value < minimum:
-    raise ValueError(f"{name} must be >= {minimum}, got {value}")
+  if not minimum <= value <= maximum:
+    raise ValueError(f"{name} must be in [{minimum}, {maximum}], got {value}")

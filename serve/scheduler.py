@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from typing import Sequence as Sequence_
 
 from serve.block_manager import BlockManager
 from serve.sequence import Sequence, Status
@@ -41,18 +42,22 @@ class Scheduler:
   """Waiting and running sequences, and the pages they hold.
 
   Args:
-    block_manager: the pages.
-    max_num_seqs: the most sequences running at once.
+    block_manager: the pages, or one block manager per data-parallel rank (a sequence runs on
+      one rank, with that rank's cache).
+    max_num_seqs: the most sequences running at once (per rank).
     max_num_batched_tokens: the most tokens a prefill step computes (a decode step computes at
       most `max_num_seqs`).
   """
 
-  def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int):
+  def __init__(self, block_manager: BlockManager | Sequence_[BlockManager], *, max_num_seqs: int,
+               max_num_batched_tokens: int):
     if max_num_seqs < 1:
       raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
     if max_num_batched_tokens < 1:
       raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
-    self.blocks = block_manager
+    # One block manager per data-parallel rank (each rank's cache is its own); usually one.
+    self.ranks = [block_manager] if isinstance(block_manager, BlockManager) else list(block_manager)
+    self.blocks = self.ranks[0]
     self.max_num_seqs = max_num_seqs
     self.max_num_batched_tokens = max_num_batched_tokens
     self.waiting: collections.deque[Sequence] = collections.deque()
@@ -75,7 +80,7 @@ class Scheduler:
       self.running.remove(seq)
     elif seq in self.waiting:
       self.waiting.remove(seq)
-    self.blocks.free(seq)
+    self.ranks[seq.rank].free(seq)
     seq.status = Status.FINISHED
 
   def schedule(self) -> ScheduledBatch | None:
@@ -100,14 +105,16 @@ class Scheduler:
         seqs.append(seq)
         counts.append(take)
         budget -= take
-    while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+    while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs * len(self.ranks):
       seq = self.waiting[0]
-      if not self.blocks.can_allocate(seq):
+      rank = self._rank_for(seq)
+      if rank is None:
         break
       if dry_run:
         return ScheduledBatch([seq], [1], True)
+      seq.rank = rank
+      self.ranks[rank].allocate(seq)
       self.waiting.popleft()
-      self.blocks.allocate(seq)
       seq.status = Status.RUNNING
       self.running.append(seq)
       take = min(len(seq) - seq.num_computed_tokens, budget)
@@ -119,19 +126,33 @@ class Scheduler:
   def _decode_batch(self) -> ScheduledBatch | None:
     ready = []
     for seq in sorted((s for s in self.running if not s.prefilling), key=lambda s: s.arrival):
-      while seq in self.running and not self.blocks.can_append(seq, 0):
-        self._preempt_latest(keep=seq)
+      while seq in self.running and not self.ranks[seq.rank].can_append(seq, 0):
+        self._preempt_latest(rank=seq.rank)
       if seq in self.running:
-        self.blocks.append(seq)
+        self.ranks[seq.rank].append(seq)
         ready.append(seq)
     ready = [seq for seq in ready if seq in self.running]
     return ScheduledBatch(ready, [1] * len(ready), False) if ready else None
 
-  def _preempt_latest(self, keep: Sequence) -> None:
-    """Frees the most recently admitted running sequence (`keep` itself when it is the latest)."""
-    victim = max(self.running, key=lambda s: s.arrival)
+  def _rank_for(self, seq: Sequence) -> int | None:
+    """The rank that takes `seq`: of those with room, the longest cached prefix, then the most
+    free pages, then the fewest running sequences (DeepSeek's decode balancer weighs KV-cache
+    use and request count); None when no rank has room."""
+    best, best_key = None, None
+    for rank, blocks in enumerate(self.ranks):
+      running = sum(1 for s in self.running if s.rank == rank)
+      if running >= self.max_num_seqs or not blocks.can_allocate(seq):
+        continue
+      key = (len(blocks.cached_prefix(seq)) if len(self.ranks) > 1 else 0, blocks.num_free, -running)
+      if best_key is None or key > best_key:
+        best, best_key = rank, key
+    return best
+
+  def _preempt_latest(self, rank: int) -> None:
+    """Frees the most recently admitted running sequence on `rank` (the one asking, when it is the latest)."""
+    victim = max((s for s in self.running if s.rank == rank), key=lambda s: s.arrival)
     self.running.remove(victim)
-    self.blocks.free(victim)
+    self.ranks[rank].free(victim)
     victim.num_computed_tokens = 0
     victim.status = Status.WAITING
     self.waiting.appendleft(victim)

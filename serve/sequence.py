@@ -22,7 +22,7 @@ class Sequence:
     num_prompt_tokens: the prompt's length.
     num_computed_tokens: tokens whose latent rows are in the cache (the prefix cache's count
       included); the rest are computed by the next steps.
-    num_cached_tokens: prompt tokens found in the prefix cache at admission.
+    num_cached_tokens: prompt tokens found in the prefix cache at its first admission.
     block_table: the cache pages holding the tokens, in order.
     params: how to sample and when to stop.
     arrival: order of arrival, for first-come first-served admission.
@@ -36,6 +36,9 @@ class Sequence:
     self.num_cached_tokens = 0
     self.block_table: list[int] = []
     self.num_hashed_pages = 0  # leading pages whose prefix hash the block manager registered
+    self.page_hashes: list[bytes] = []  # prefix hashes of its full pages, as far as computed
+    self.admitted = False  # got pages once (a preempted sequence is readmitted)
+    self.rank = 0  # the data-parallel rank whose cache holds its pages
     self.params = params
     self.arrival = arrival
     self.status = Status.WAITING

@@ -105,11 +105,17 @@ def test_abort_frees_pages_and_bad_requests_raise(llm):
   for prompt, match in [("x" * 300, "too long"), ("", "empty"), ([1, 2, 10**6], "token ids")]:
     with pytest.raises(ValueError, match=match):
       engine.add_request("bad", prompt, SamplingParams())
+  with pytest.raises(ValueError, match="prompt plus max_tokens is too long"):
+    engine.add_request("bad", "x" * 200, SamplingParams(max_tokens=100))
+  with pytest.raises(ValueError, match="too long"):  # a refused prompt leaves the rest of its batch unqueued
+    llm.generate(["fine", "x" * 300])
+  assert not engine.has_unfinished()
   engine.add_request("dup", "a", SamplingParams(max_tokens=1))
   with pytest.raises(ValueError, match="request_id"):
     engine.add_request("dup", "a", SamplingParams())
   engine.abort("dup")
   with pytest.raises(ValueError, match="max_model_len"):
     LLMEngine(num_kv_pages=4, max_model_len=1000)
+  llm.generate("a", SamplingParams(max_tokens=2))
   stats = engine.stats()
-  assert stats.running == stats.waiting == 0 and stats.prompt_tokens > 0 and stats.generation_tokens > 0
+  assert stats.running == stats.waiting == 0 and stats.prompt_tokens > 0 and stats.generation_tokens >= 2

@@ -44,3 +44,24 @@ def test_spilled_pages_are_read_back_and_give_the_same_output(store):
 def test_a_store_of_another_page_size_is_refused(store, tmp_path):
   with pytest.raises(ValueError, match="kv_store holds pages"):
     LLMEngine(num_kv_pages=8, max_model_len=256, kv_store=type("S", (), {"page_bytes": 12})())
+
+
+class _BrokenStore:
+  """A store whose every call fails, with the right page size."""
+
+  def __init__(self, page_bytes):
+    self.page_bytes = page_bytes
+
+  def put(self, *args):
+    raise OSError("simulated: the storage cluster is gone")
+
+  batch_exists = get_many = put
+
+
+def test_a_failing_store_costs_recomputation_not_pages_or_requests(store):
+  llm = LLM(max_num_seqs=4, max_num_batched_tokens=16, num_kv_pages=8, max_model_len=256,
+            kv_store=_BrokenStore(store.page_bytes))
+  greedy = SamplingParams(temperature=0, max_tokens=8)
+  first = [out.token_ids for out in llm.generate([p * 2 for p in PROMPTS], greedy)]  # spills fail
+  again = [out.token_ids for out in llm.generate([p * 2 for p in PROMPTS], greedy)]  # loads fail too
+  assert again == first and llm.engine.blocks.num_free == 7 and not llm.engine.has_unfinished()

@@ -21,7 +21,7 @@ def run(scheduler: Scheduler, batch, token: int = 7) -> None:
   """What the engine does after a step: count the computed tokens, append a sampled one when a sequence is caught up."""
   for s, count in zip(batch.seqs, batch.num_tokens):
     s.num_computed_tokens += count
-    scheduler.blocks.computed(s)
+    scheduler.ranks[s.rank].computed(s)
     if s.num_computed_tokens == len(s):
       s.token_ids.append(token)
 
@@ -83,7 +83,8 @@ def test_out_of_pages_preempts_the_latest_and_it_is_recomputed_with_its_tokens()
   assert b.num_computed_tokens == 0 and b.block_table == [] and scheduler.num_preemptions == 1
   scheduler.remove(a)
   batch = scheduler.schedule()       # readmitted: its full first page is still cached, its new token recomputed
-  assert batch.prefill and batch.seqs == [b] and batch.num_tokens == [1] and b.num_cached_tokens == PAGE_SIZE
+  assert batch.prefill and batch.seqs == [b] and batch.num_tokens == [1] and b.num_computed_tokens == PAGE_SIZE
+  assert b.num_cached_tokens == 0  # what its prompt found at its first admission; readmission is no new prompt
 
 
 def test_a_sequence_longer_than_the_cache_is_refused():
@@ -123,3 +124,22 @@ def test_a_page_is_hashed_only_once_computed():
   b = seq(2 * PAGE_SIZE + 1)
   scheduler.add(b)
   assert len(blocks.cached_prefix(b)) == 1  # a's second page is allocated but not computed: no hit
+
+
+def test_data_parallel_ranks_each_hold_their_sequences_pages():
+  ranks = [BlockManager(6), BlockManager(6)]  # 5 usable pages each
+  scheduler = Scheduler(ranks, max_num_seqs=2, max_num_batched_tokens=1000)
+  seqs = [seq(100, first=i) for i in range(3)]
+  for s in seqs:
+    scheduler.add(s)
+  batch = scheduler.schedule()
+  assert [s.rank for s in batch.seqs] == [0, 1, 0]  # the most free pages first: the ranks alternate
+  assert all(p in range(1, 6) for s in seqs for p in s.block_table)  # page numbers are each rank's own
+  assert sum(len(s.block_table) for s in seqs if s.rank == 0) == 5 - ranks[0].num_free == 4
+  twin = seq(100, first=1)  # the same prompt as the sequence on rank 1: its cached prefix decides
+  run(scheduler, batch)
+  for s in seqs:
+    scheduler.remove(s)
+  scheduler.add(twin)
+  scheduler.schedule()
+  assert twin.rank == 1 and twin.num_cached_tokens == PAGE_SIZE

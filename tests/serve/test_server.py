@@ -22,6 +22,7 @@ _MAX_MODEL_LEN = 128
 _SERVER_FLAGS = ["--port", "0", "--max_num_seqs", "4", "--max_num_batched_tokens", "64", "--num_kv_pages", "64",
                  "--max_model_len", str(_MAX_MODEL_LEN)]
 _PROMPT = "Once upon a time"
+_LONGEST = _MAX_MODEL_LEN - len(_PROMPT)  # the most tokens a request for _PROMPT may ask for
 
 
 def _env() -> dict:
@@ -158,7 +159,7 @@ def test_concurrent_requests(client, model_name):
 
 def test_closed_stream_frees_its_sequence(server, client, model_name):
   aborted = _metrics(server).get('fireflyer:request_success_total{finished_reason="abort"}', 0)
-  stream = client.completions.create(model=model_name, prompt=_PROMPT, max_tokens=_MAX_MODEL_LEN, temperature=0,
+  stream = client.completions.create(model=model_name, prompt=_PROMPT, max_tokens=_LONGEST, temperature=0,
                                      stream=True, extra_body={"ignore_eos": True})
   for i, _ in enumerate(stream):
     if i == 1:
@@ -171,7 +172,7 @@ def test_closed_stream_frees_its_sequence(server, client, model_name):
 
 def test_client_hanging_up_frees_its_sequence(server):
   aborted = _metrics(server).get('fireflyer:request_success_total{finished_reason="abort"}', 0)
-  body = json.dumps({"prompt": _PROMPT, "max_tokens": _MAX_MODEL_LEN, "ignore_eos": True}).encode()
+  body = json.dumps({"prompt": _PROMPT, "max_tokens": _LONGEST, "ignore_eos": True}).encode()
   host, port = server.removeprefix("http://").split(":")
   with socket.create_connection((host, int(port)), timeout=30) as conn:
     conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
@@ -202,6 +203,7 @@ def _wait_for_metrics(server: str, predicate, timeout_s: float = 20.0) -> dict[s
     ({"echo": True}, openai.BadRequestError, "echo"),
     ({"prompt": "x" * (2 * _MAX_MODEL_LEN)}, openai.BadRequestError, "prompt"),
     ({"prompt": ""}, openai.BadRequestError, "prompt"),
+    ({"max_tokens": _MAX_MODEL_LEN}, openai.BadRequestError, "prompt"),  # prompt plus max_tokens past the limit
     ({"prompt": [[1, 2], [3]]}, openai.BadRequestError, "prompt"),
 ])
 def test_bad_completion_requests(client, model_name, kwargs, error, param):

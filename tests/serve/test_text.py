@@ -34,7 +34,7 @@ def test_sampling_params_errors_name_the_field():
   for kwargs, field in [({"temperature": -1}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
                         ({"top_k": -1}, "top_k"), ({"max_tokens": 0}, "max_tokens"), ({"seed": -3}, "seed"),
                         ({"stop": [""]}, "stop"), ({"temperature": float("nan")}, "temperature"),
-                        ({"max_tokens": True}, "max_tokens")]:
+                        ({"max_tokens": True}, "max_tokens"), ({"seed": 2**32}, "seed"), ({"top_k": 2**31}, "top_k")]:
     with pytest.raises(ValueError, match=field):
       SamplingParams(**kwargs)
   assert SamplingParams(stop="x").stop == ("x",) and SamplingParams(temperature=0).greedy
