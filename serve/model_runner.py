@@ -101,7 +101,7 @@ class ModelRunner:
     """One page of every layer of `rank`'s cache, as `[page_bytes]` uint8 on the host."""
     if self.mesh is None:
       return np.asarray(_read_page(self.cache, page)).reshape(-1).view(np.uint8)
-    shard = next(s for s in self.cache.addressable_shards if s.index[0].start == rank)
+    shard = next(s for s in self.cache.addressable_shards if (s.index[0].start or 0) == rank)
     return np.asarray(shard.data[0, :, page]).reshape(-1).view(np.uint8)
 
   def write_pages(self, pages: list[int], data: np.ndarray, rank: int = 0) -> None:
