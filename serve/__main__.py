@@ -23,6 +23,8 @@ flags.DEFINE_integer("seed", 0, "Engine seed, for requests that give none.")
 flags.DEFINE_integer("ep", 1, "Devices for data-parallel attention with the routed experts split over them "
                      "(DeepSeek's decode layout); each has its own KV cache of --num_kv_pages pages and up to "
                      "--max_num_seqs sequences.")
+flags.DEFINE_bool("warmup", False, "Compile every batch and chunk shape before serving (the ready line waits "
+                  "for it), so no request waits for a compile.")
 flags.DEFINE_string("prompt", None, "Print one completion of this prompt, token by token, and exit (no server).")
 flags.DEFINE_integer("max_tokens", 64, "--prompt mode: most tokens to generate.")
 flags.DEFINE_float("temperature", 0.0, "--prompt mode: sampling temperature (0: greedy).")
@@ -56,6 +58,9 @@ def main(argv):
   import asyncio
 
   from serve import server
+
+  if FLAGS.warmup:
+    logging.info("warm-up: compiled %d step shapes", engine.warmup())
 
   asyncio.run(server.serve(engine, host=FLAGS.host, port=FLAGS.port,
                            on_ready=lambda url: print(f"serve: listening on {url}", flush=True)))

@@ -145,6 +145,22 @@ class LLMEngine:
       self.runner.write_pages(pages[:loaded], data, rank)
     return loaded
 
+  def shapes(self) -> list[tuple[int, int]]:
+    """Every (rows per rank, tokens per row) a step can have: batch buckets times decode (1) and
+    the prefill chunk buckets."""
+    batches = sorted({bucket(n, self.scheduler.max_num_seqs) for n in range(1, self.scheduler.max_num_seqs + 1)})
+    lengths = [1] + sorted({bucket(max(16, n), self.max_prefill_length)
+                            for n in (1 << k for k in range(self.max_prefill_length.bit_length()))})
+    return [(b, n) for b in batches for n in lengths]
+
+  def warmup(self) -> int:
+    """Compiles every step shape now (each runs once on padding rows, which write only the
+    trash page), so no request waits for a compile. Returns how many shapes were compiled."""
+    todo = [shape for shape in self.shapes() if shape not in self.runner.compiled_shapes]
+    for batch, length in todo:
+      self.runner.run([], batch=batch, length=length, ranks=[])
+    return len(todo)
+
   # -- requests --
   def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
     """Queues a request. ValueError: a duplicate id, an empty or too long prompt, bad token ids."""

@@ -165,7 +165,7 @@ class ModelRunner:
       table[i, :len(pages)] = pages
       last[i] = len(ids) - 1
       temperature[i], top_k[i], top_p[i], seeds[i] = temp, k, p, seed
-    if positions.max() >= self.max_pages_per_seq * PAGE_SIZE:
+    if rows and positions.max() >= self.max_pages_per_seq * PAGE_SIZE:
       raise ValueError(f"position {positions.max()} is past the block table's {self.max_pages_per_seq} pages")
     return StepInput(tokens, positions, table, last, temperature, top_k, top_p, seeds)
 

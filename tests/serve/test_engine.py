@@ -119,3 +119,13 @@ def test_abort_frees_pages_and_bad_requests_raise(llm):
   llm.generate("a", SamplingParams(max_tokens=2))
   stats = engine.stats()
   assert stats.running == stats.waiting == 0 and stats.prompt_tokens > 0 and stats.generation_tokens >= 2
+
+
+def test_warmup_compiles_every_step_shape(llm):
+  engine = llm.engine
+  assert engine.shapes() == [(b, n) for b in (1, 2, 4) for n in (1, 16)]
+  engine.warmup()
+  assert set(engine.shapes()) <= engine.runner.compiled_shapes and engine.warmup() == 0
+  assert engine.blocks.usage == 0  # padding rows wrote only the trash page
+  out = llm.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=4))[0]
+  assert out.finish_reason == "length" and len(out.token_ids) == 4
