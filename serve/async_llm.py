@@ -33,7 +33,7 @@ class RequestObserver(Protocol):
     """Time between two consecutive generated tokens (a step's gap split over its tokens)."""
 
   def finished(self, reason: str) -> None:
-    """The request ended: "stop", "length", or "abort" (the consumer left early)."""
+    """The request ended: "stop", "length", "abort" (the consumer left early) or "error" (the engine failed)."""
 
 
 class _NullObserver:
@@ -317,6 +317,7 @@ class AsyncLLM:
       except Exception:  # noqa: BLE001 - the engine may be broken; the callers still hear
         logging.exception("abort of %s failed", request_id)
       stream.deliver(error)
+      self._observer.finished("error")
     self._streams.clear()
     for command in commands:
       if command[0] == "add":

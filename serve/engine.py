@@ -208,6 +208,10 @@ class LLMEngine:
     """Runs one batch; returns an output for each request that got a token (finished ones last time)."""
     batch = self.scheduler.schedule()
     if batch is None:
+      if self.scheduler.has_work():  # cannot happen with free pages to spare: loud, not a silent stall
+        raise RuntimeError(f"the scheduler placed none of {len(self.scheduler.waiting)} waiting and "
+                           f"{len(self.scheduler.running)} running requests (free pages per rank: "
+                           f"{[b.num_free for b in self.ranks]})")
       return []
     rows = []
     for seq, count in zip(batch.seqs, batch.num_tokens):

@@ -23,7 +23,7 @@ class Metrics:
     self._itl = Histogram("fireflyer:inter_token_latency_seconds", "Time between consecutive generated tokens.",
                           buckets=_LATENCY_BUCKETS, registry=self.registry)
     self._finished = Counter("fireflyer:request_success",
-                             "Finished requests, by finish reason (abort: the client left).", ["finished_reason"],
+                             "Finished requests, by finish reason (abort: the client left; error: the engine failed).", ["finished_reason"],
                              registry=self.registry)
 
   def watch(self, llm: AsyncLLM) -> None:

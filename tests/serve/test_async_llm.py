@@ -232,10 +232,11 @@ def test_idle_thread_does_not_step(llm, engine):
   assert engine.num_steps == steps
 
 
-def test_step_failure_reaches_the_caller_and_serving_continues(llm, engine):
+def test_step_failure_reaches_the_caller_and_serving_continues(llm, engine, observer):
   engine.fail_next_step = True
   with pytest.raises(RuntimeError, match="device on fire"):
     asyncio.run(_collect(llm, "x", max_tokens=3))
+  assert observer.reasons == ["error"]  # counted in the metrics as a failed request
   assert len(asyncio.run(_collect(llm, "x", max_tokens=3))) == 3
 
 

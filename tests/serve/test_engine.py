@@ -129,3 +129,13 @@ def test_warmup_compiles_every_step_shape(llm):
   assert engine.blocks.usage == 0  # padding rows wrote only the trash page
   out = llm.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=4))[0]
   assert out.finish_reason == "length" and len(out.token_ids) == 4
+
+
+def test_a_stalled_scheduler_raises_instead_of_spinning(llm, monkeypatch):
+  engine = llm.engine
+  engine.add_request("stuck", "a", SamplingParams(max_tokens=1))
+  monkeypatch.setattr(engine.scheduler, "schedule", lambda: None)  # as a scheduler bug would
+  with pytest.raises(RuntimeError, match="placed none of 1 waiting"):
+    engine.step()
+  monkeypatch.undo()
+  engine.abort("stuck")
