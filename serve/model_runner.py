@@ -58,6 +58,9 @@ class ModelRunner:
     num_pages: cache pages (page 0 is the trash page).
     max_pages_per_seq: block-table width: enough for the longest sequence plus a padded chunk.
     vocab_limit: see `serve.sampler.sample`.
+    mesh: None for one device; or a mesh with an `ep` axis, whose ranks each hold a cache of
+      `num_pages` pages (`[ranks, layers, num_pages, 64, 1, D]`, split over `ep`) and run their
+      own rows, the model's routed experts split over `ep` (`model.sharding`).
   """
 
   def __init__(self, model, *, num_pages: int, max_pages_per_seq: int, vocab_limit: int, mesh=None):
