@@ -316,8 +316,9 @@ class AsyncLLM:
         self._engine.abort(request_id)
       except Exception:  # noqa: BLE001 - the engine may be broken; the callers still hear
         logging.exception("abort of %s failed", request_id)
-      stream.deliver(error)
+      # Counted before the caller hears, so whoever sees the error also sees it in the metrics.
       self._observer.finished("error")
+      stream.deliver(error)
     self._streams.clear()
     for command in commands:
       if command[0] == "add":
