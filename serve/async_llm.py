@@ -261,7 +261,6 @@ class AsyncLLM:
     except Exception as err:  # noqa: BLE001 - reported to every waiting caller
       logging.exception("engine step failed; failing its %d requests", len(self._streams))
       self._fail_all(RuntimeError(f"engine step failed: {err!r}"), [])
-      self._publish()
       return False
     now = time.monotonic()
     deliveries = []
@@ -311,15 +310,19 @@ class AsyncLLM:
         self._samples.popleft()
 
   def _fail_all(self, error: BaseException, commands: list[tuple]) -> None:
-    for request_id, stream in list(self._streams.items()):
+    failed = list(self._streams.items())
+    for request_id, _ in failed:
       try:
         self._engine.abort(request_id)
       except Exception:  # noqa: BLE001 - the engine may be broken; the callers still hear
         logging.exception("abort of %s failed", request_id)
-      # Counted before the caller hears, so whoever sees the error also sees it in the metrics.
       self._observer.finished("error")
-      stream.deliver(error)
     self._streams.clear()
+    # Counted and published before the callers hear, so whoever sees the error also sees it in
+    # the metrics and the stats.
+    self._publish()
+    for _, stream in failed:
+      stream.deliver(error)
     for command in commands:
       if command[0] == "add":
         try:

@@ -81,7 +81,11 @@ class ProcessExecutor:
         except BrokenProcessPool as exc:
           self._pool = None  # a dead worker breaks the pool for good: the next run starts a new one
           pool.shutdown(wait=False, cancel_futures=True)
-          raise TaskError(f"task {tasks[i].name} failed: a worker process died ({exc})") from exc
+          unfinished = sum(1 for f in futures if not f.done() or (not f.cancelled() and isinstance(
+              f.exception(), BrokenProcessPool)))
+          # The pool cannot tell which task killed its worker; the first reported is named.
+          raise TaskError(f"task {tasks[i].name} failed: a worker process died, running it or another of the "
+                          f"stage's {unfinished} unfinished tasks ({exc})") from exc
         except Exception as exc:
           raise _fail(tasks[i], exc) from exc
     finally:

@@ -237,6 +237,7 @@ def test_step_failure_reaches_the_caller_and_serving_continues(llm, engine, obse
   with pytest.raises(RuntimeError, match="device on fire"):
     asyncio.run(_collect(llm, "x", max_tokens=3))
   assert observer.reasons == ["error"]  # counted in the metrics as a failed request
+  assert llm.stats().running == 0  # and gone from the stats by the time the caller hears
   assert len(asyncio.run(_collect(llm, "x", max_tokens=3))) == 3
 
 

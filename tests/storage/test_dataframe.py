@@ -176,7 +176,8 @@ def test_task_failures_name_the_task_and_do_not_hang(sess, input_dir):
   bad = _sql("SELECT hash(concat_ws('##', CAST(3 AS VARCHAR))) % 4 AS p").column("p")[0].as_py()
   with pytest.raises(TaskError, match=rf"write_parquet partition {bad} failed: RuntimeError: key 3 is cursed"):
     df.map(fail_on_key_3).write_parquet(str(sess.job_dir) + "/never")
-  with pytest.raises(TaskError, match="count partition 0 failed: a worker process died"):
+  # Which partition is named depends on when the pool noticed the death: any of them.
+  with pytest.raises(TaskError, match=r"count partition \d failed: a worker process died"):
     df.map(exit_worker).count()
   assert df.count() == NUM_ROWS  # a fresh pool replaces the broken one
 

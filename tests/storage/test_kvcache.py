@@ -13,6 +13,7 @@ import pytest
 
 import storage
 import storage.kvcache
+import storage.kvcache_index
 from storage.kv import EtcdKV, MemoryKV, SqliteKV
 from storage.kvcache import KVCacheStore, prefix_hashes
 from storage.kvcache_index import Index, _unpack
@@ -168,14 +169,39 @@ def test_reader_racing_eviction_reads_a_miss_never_another_page(make_store):
   assert store.get(key(1)) == page_of(key(1)) and store.stats().dropped == 0
 
 
-def test_crashed_writer_slot_is_reclaimed_and_a_late_write_is_harmless(make_store):
-  store = make_store(capacity_pages=1, pending_timeout_s=1.0)
+class _Clock:
+  """`time` for the store's modules with an offset the test moves: a timeout is crossed when the
+  test says, not when a loaded machine happens to stall."""
+
+  def __init__(self):
+    self.offset_ns = 0
+
+  def time_ns(self) -> int:
+    return time.time_ns() + self.offset_ns
+
+  def sleep(self, seconds: float) -> None:
+    time.sleep(seconds)
+
+  def advance(self, seconds: float) -> None:
+    self.offset_ns += int(seconds * 1e9)
+
+
+@pytest.fixture
+def clock(monkeypatch):
+  fake = _Clock()
+  monkeypatch.setattr(storage.kvcache_index, "time", fake)
+  monkeypatch.setattr(storage.kvcache, "time", fake)
+  return fake
+
+
+def test_crashed_writer_slot_is_reclaimed_and_a_late_write_is_harmless(make_store, clock):
+  store = make_store(capacity_pages=1, pending_timeout_s=30)
   index = store._index
-  crashed = index.allocate([key(0)], capacity=1, pending_timeout_s=1.0, instance=b"w" * 16)
+  crashed = index.allocate([key(0)], capacity=1, pending_timeout_s=30, instance=b"w" * 16)
   assert crashed[0] is not None and not store.exists(key(0)) and store.get(key(0)) is None  # pending: invisible
   assert not store.put(key(1), page_of(key(1)))  # the only slot is being written: not handed out
   assert not store.put(key(0), page_of(key(0)))  # nor the key another writer holds
-  time.sleep(1.1)
+  clock.advance(31)
   assert store.put(key(1), page_of(key(1)))  # past the timeout the slot is recycled
   assert store.stats().reclaimed == 1 and store.get(key(1)) == page_of(key(1))
   # The "crashed" writer was only slow: its write lands on the recycled slot, its confirm fails.
@@ -189,8 +215,8 @@ def test_crashed_writer_slot_is_reclaimed_and_a_late_write_is_harmless(make_stor
 
 
 @pytest.mark.parametrize("removal", ["delete", "clear", "failed write"])
-def test_removing_a_pending_key_quarantines_its_slot_until_the_timeout(make_store, removal):
-  store = make_store(capacity_pages=1, pending_timeout_s=0.3)
+def test_removing_a_pending_key_quarantines_its_slot_until_the_timeout(make_store, clock, removal):
+  store = make_store(capacity_pages=1, pending_timeout_s=30)
   x, y = key(0), key(1)
   if removal == "failed write":
     writes = []
@@ -203,14 +229,14 @@ def test_removing_a_pending_key_quarantines_its_slot_until_the_timeout(make_stor
     del store._write_slots
     (slots, blobs), = writes
   else:
-    (entry,) = store._index.allocate([x], capacity=1, pending_timeout_s=0.3, instance=b"w" * 16)
+    (entry,) = store._index.allocate([x], capacity=1, pending_timeout_s=30, instance=b"w" * 16)
     assert (store.delete(x) if removal == "delete" else store.clear()) in (True, 1)
     slots, blobs = [entry.slot], [page_of(x) + store._trailer(x, entry.nonce, page_of(x))]
   assert not store.exists(x) and store.stats().used_pages == 1
   assert not store.put(y, page_of(y))  # the only slot may still be written: not handed out
   store._write_slots(slots, blobs)  # the removed writer's write lands late, harming no one
   assert_index_consistent(store)
-  time.sleep(0.35)
+  clock.advance(31)
   assert store.put(y, page_of(y)) and store.get(y) == page_of(y)  # past the timeout it is recycled
   assert store.stats().reclaimed == 0 and store.stats().dropped == 0
   assert_index_consistent(store)

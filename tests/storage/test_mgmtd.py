@@ -118,13 +118,19 @@ def test_a_service_cut_off_from_mgmtd_stops_serving(tmp_path):
   async def body():
     mgmtd = Mgmtd(tmp_path, lease_s=0.4)
     server = await transport.RpcServer(mgmtd.handlers).start()
-    client = transport.RpcClient(server.address, timeout_s=0.1)
+    # A generous RPC timeout (a stopped server refuses at once) and a fake clock for the lease:
+    # a slow fsync on a loaded machine must not decide the test.
+    client = transport.RpcClient(server.address, timeout_s=10)
     node = await client.call("register_node", address="127.0.0.1:9000", num_targets=1)
-    keeper = LeaseKeeper(client, node["node_id"], lambda: {node["targets"][0]: "up-to-date"}, lease_s=0.4)
+    clock = Clock()
+    keeper = LeaseKeeper(client, node["node_id"], lambda: {node["targets"][0]: "up-to-date"}, lease_s=0.4,
+                         clock=clock)
     assert not keeper.serving and await keeper.beat() and keeper.serving
     await server.stop()  # mgmtd unreachable from here on
     assert not await keeper.beat()
-    await asyncio.sleep(0.25)  # more than half the lease
+    clock.now += 0.19
+    assert keeper.serving  # within half the lease of the last reply
+    clock.now += 0.02  # more than half the lease
     assert not keeper.serving
     await client.close()
     mgmtd.close()
