@@ -2,6 +2,7 @@
 requests through Hugging Face `generate` as the baseline.
 
   python -m benchmarks.serve_load [--requests=16] [--clients=4] [--prompt_len=32,256] [--output_len=16,64]
+      [--num_speculative_tokens=0,1]
 
 The workload is `--requests` completions drawn with `--seed`: prompt and output lengths from
 `--distribution` (uniform, or lognormal around the geometric mean) within the given [min, max];
@@ -36,6 +37,10 @@ compared with the server's text: `agree` is the mean fraction of each output bef
 difference (the server's latent cache is bfloat16, so they may part ways where two tokens are
 nearly tied).
 
+`--num_speculative_tokens` lists the server settings to run against the one baseline, each
+with a server of its own (1: MTP speculative decoding; `accepted` is the drafts accepted over
+those verified in the measured run, from the server's /metrics).
+
 `--threads` (default: every CPU of this process) sets both sides' parallelism: the server is
 pinned to that many CPUs, the baseline gets that many torch threads. On a host shared with
 other work, 1 is the fairer setting: torch's OpenMP threads wait on each other at every op,
@@ -56,6 +61,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 
 import numpy as np
 from absl import app, flags
@@ -319,8 +325,8 @@ def run(requests: int = 16, clients: int = 4, prompt_len: tuple[int, int] = (32,
         output_len: tuple[int, int] = (16, 64), distribution: str = "uniform", seed: int = 0,
         dtype: str = "float32", max_num_batched_tokens: int = 256, num_kv_pages: int = 64,
         hf_batch: int | None = None, ignore_eos: bool = True, threads: int | None = None,
-        hf_repeats: int = 3) -> list[dict]:
-  """Runs the server and the baseline on one workload; table rows."""
+        hf_repeats: int = 3, num_speculative_tokens: tuple[int, ...] = (0,)) -> list[dict]:
+  """Runs the server (once per speculative setting) and the baseline on one workload; table rows."""
   if clients < 1:
     raise ValueError(f"clients must be >= 1, got {clients}")
   available = sorted(os.sched_getaffinity(0))
@@ -332,51 +338,78 @@ def run(requests: int = 16, clients: int = 4, prompt_len: tuple[int, int] = (32,
   measured = workload(requests, prompt_len, output_len, distribution, seed, text)
   extra = workload(requests, prompt_len, output_len, distribution, seed + 1, text)
   max_model_len = prompt_len[1] + output_len[1] + 1
-  with tempfile.TemporaryDirectory() as tmp:
-    server = Server(["--max_num_seqs", str(clients), "--max_num_batched_tokens", str(max_num_batched_tokens),
-                     "--num_kv_pages", str(num_kv_pages), "--max_model_len", str(max_model_len), "--dtype", dtype],
-                    os.path.join(tmp, "serve.log"),
-                    cpus=None if threads == len(available) else available[:threads])
-    try:
-      groups = warmup_groups(clients, max_num_batched_tokens, prompt_len[1])
-      at_ready, start = server.compiles(), time.perf_counter()
-      asyncio.run(warm_up(server.url, groups, extra, clients, text, ignore_eos,
-                          min(max_num_batched_tokens, prompt_len[1])))
-      warmup_s = time.perf_counter() - start
-      warmed = server.compiles()
-      results, wall = asyncio.run(run_clients(server.url, measured, clients, ignore_eos))
-      run_compiles = server.compiles()[0] - warmed[0]
-    finally:
-      server.close()
+  served = []  # per speculative setting: (rows' name, warm-up groups, warm-up s, compiles, results, wall, drafts)
+  for speculative in num_speculative_tokens:
+    with tempfile.TemporaryDirectory() as tmp:
+      server = Server(["--max_num_seqs", str(clients), "--max_num_batched_tokens", str(max_num_batched_tokens),
+                       "--num_kv_pages", str(num_kv_pages), "--max_model_len", str(max_model_len), "--dtype", dtype,
+                       "--num_speculative_tokens", str(speculative)],
+                      os.path.join(tmp, "serve.log"),
+                      cpus=None if threads == len(available) else available[:threads])
+      try:
+        groups = warmup_groups(clients, max_num_batched_tokens, prompt_len[1])
+        at_ready, start = server.compiles(), time.perf_counter()
+        asyncio.run(warm_up(server.url, groups, extra, clients, text, ignore_eos,
+                            min(max_num_batched_tokens, prompt_len[1])))
+        warmup_s = time.perf_counter() - start
+        warmed = server.compiles()
+        before = spec_counters(server.url)
+        results, wall = asyncio.run(run_clients(server.url, measured, clients, ignore_eos))
+        after = spec_counters(server.url)
+        run_compiles = server.compiles()[0] - warmed[0]
+      finally:
+        server.close()
+    name = "fireflyer" if not speculative else "fireflyer + MTP speculative decoding"
+    drafts = (after[0] - before[0], after[1] - before[1])
+    served.append((name, groups, warmup_s, (warmed[0] - at_ready[0], warmed[1] - at_ready[1]), run_compiles, results,
+                   wall, drafts))
   hf_outputs, hf_wall = hf_generate(measured, hf_batch, dtype, threads, hf_repeats)
 
-  prompt_tokens = sum(r.prompt_tokens for r in results)
-  completion_tokens = sum(r.completion_tokens for r in results)
   expected = sum(r.output_len for r in measured)
-  complete = sum(r.completion_tokens == q.output_len and r.finish_reason == "length" for r, q in zip(results, measured))
-  chunks = sum(len(r.itls) + 1 for r in results if r.text)
-  ttft, itl = [r.ttft for r in results], [g for r in results for g in r.itls]
-  out_s, hf_out_s = completion_tokens / wall, expected / hf_wall
+  hf_out_s = expected / hf_wall
   shape = (f"{requests} requests, prompts {prompt_len[0]}-{prompt_len[1]}, outputs {output_len[0]}-{output_len[1]}, "
            f"{dtype}, {threads} CPU(s)")
-  return [
-      {"suite": "serve", "case": f"fireflyer warm-up: {len(groups)} bucket groups + {requests} requests",
-       "wall_s": round(warmup_s, 1), "compiles": f"{warmed[0] - at_ready[0]} ({warmed[1] - at_ready[1]:.0f} s)"},
-      {"suite": "serve", "case": f"fireflyer serve, {clients} streaming clients, {shape}",
-       "wall_s": round(wall, 2), "compiles": run_compiles, "req_s": round(requests / wall, 2),
-       "in_tok_s": round(prompt_tokens / wall, 1),
-       "out_tok_s": round(out_s, 1), "vs_hf": round(out_s / hf_out_s, 2),
-       "ttft_p50_ms": _ms(ttft, 50), "ttft_p90_ms": _ms(ttft, 90), "ttft_p99_ms": _ms(ttft, 99),
-       "itl_p50_ms": _ms(itl, 50), "itl_p90_ms": _ms(itl, 90), "itl_p99_ms": _ms(itl, 99),
-       "e2e_p50_s": round(float(np.median([r.latency for r in results])), 2),
-       "complete": f"{complete}/{requests}", "tok_per_chunk": round(completion_tokens / max(chunks, 1), 2),
-       "agree": round(float(np.mean([agreement(r.text, h) for r, h in zip(results, hf_outputs)])), 3)},
-      {"suite": "serve",
-       "case": f"baseline: HF generate, static batches of {hf_batch}, left-padded, {dtype}, {threads} thread(s)",
-       "wall_s": round(hf_wall, 2), "req_s": round(requests / hf_wall, 2),
-       "in_tok_s": round(sum(len(r.prompt) for r in measured) / hf_wall, 1), "out_tok_s": round(hf_out_s, 1),
-       "vs_hf": 1.0},
-  ]
+  rows = []
+  for name, groups, warmup_s, warm_compiles, run_compiles, results, wall, (drafts, accepted) in served:
+    prompt_tokens = sum(r.prompt_tokens for r in results)
+    completion_tokens = sum(r.completion_tokens for r in results)
+    complete = sum(r.completion_tokens == q.output_len and r.finish_reason == "length"
+                   for r, q in zip(results, measured))
+    chunks = sum(len(r.itls) + 1 for r in results if r.text)
+    ttft, itl = [r.ttft for r in results], [g for r in results for g in r.itls]
+    out_s = completion_tokens / wall
+    row = {"suite": "serve", "case": f"{name}, {clients} streaming clients, {shape}",
+           "wall_s": round(wall, 2), "compiles": run_compiles, "req_s": round(requests / wall, 2),
+           "in_tok_s": round(prompt_tokens / wall, 1),
+           "out_tok_s": round(out_s, 1), "vs_hf": round(out_s / hf_out_s, 2),
+           "ttft_p50_ms": _ms(ttft, 50), "ttft_p90_ms": _ms(ttft, 90), "ttft_p99_ms": _ms(ttft, 99),
+           "itl_p50_ms": _ms(itl, 50), "itl_p90_ms": _ms(itl, 90), "itl_p99_ms": _ms(itl, 99),
+           "e2e_p50_s": round(float(np.median([r.latency for r in results])), 2),
+           "complete": f"{complete}/{requests}", "tok_per_chunk": round(completion_tokens / max(chunks, 1), 2),
+           "agree": round(float(np.mean([agreement(r.text, h) for r, h in zip(results, hf_outputs)])), 3)}
+    if drafts:
+      row["accepted"] = f"{accepted}/{drafts} ({accepted / drafts:.0%})"
+    rows += [{"suite": "serve", "case": f"{name} warm-up: {len(groups)} bucket groups + {requests} requests",
+              "wall_s": round(warmup_s, 1), "compiles": f"{warm_compiles[0]} ({warm_compiles[1]:.0f} s)"}, row]
+  rows.append({"suite": "serve",
+               "case": f"baseline: HF generate, static batches of {hf_batch}, left-padded, {dtype}, {threads} thread(s)",
+               "wall_s": round(hf_wall, 2), "req_s": round(requests / hf_wall, 2),
+               "in_tok_s": round(sum(len(r.prompt) for r in measured) / hf_wall, 1), "out_tok_s": round(hf_out_s, 1),
+               "vs_hf": 1.0})
+  return rows
+
+
+def spec_counters(url: str) -> tuple[int, int]:
+  """(draft tokens verified, accepted) so far, from the server's /metrics."""
+  with urllib.request.urlopen(f"{url}/metrics", timeout=60) as response:
+    text = response.read().decode()
+  values = {}
+  for line in text.splitlines():
+    if line.startswith("fireflyer:spec_decode_num_"):
+      name, value = line.rsplit(" ", 1)
+      values[name] = int(float(value))
+  return (values.get("fireflyer:spec_decode_num_draft_tokens_total", 0),
+          values.get("fireflyer:spec_decode_num_accepted_tokens_total", 0))
 
 
 FLAGS = flags.FLAGS
@@ -398,6 +431,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("threads", None, "CPUs for each side: the server is pinned to that many, the baseline gets "
                        "that many torch threads; default all of this process's.")
   flags.DEFINE_integer("hf_repeats", 3, "Baseline passes; the median is reported.")
+  flags.DEFINE_list("num_speculative_tokens", ["0"], "The server's settings to run, each with its own server "
+                    "(0: plain decoding, 1: MTP speculative decoding), e.g. 0,1.")
 
 
 def _pair(values: list[str], name: str) -> tuple[int, int]:
@@ -412,7 +447,7 @@ def main(argv):
   rows = run(FLAGS.requests, FLAGS.clients, _pair(FLAGS.prompt_len, "prompt_len"),
              _pair(FLAGS.output_len, "output_len"), FLAGS.distribution, FLAGS.seed, FLAGS.dtype,
              FLAGS.max_num_batched_tokens, FLAGS.num_kv_pages, FLAGS.hf_batch, FLAGS.ignore_eos, FLAGS.threads,
-             FLAGS.hf_repeats)
+             FLAGS.hf_repeats, tuple(int(v) for v in FLAGS.num_speculative_tokens))
   append_results("serve", rows, command=" ".join(["python -m benchmarks.serve_load", *sys.argv[1:]]))
   columns = list(dict.fromkeys(k for row in rows for k in row if k not in ("suite", "case")))
   print(format_table(rows, ["case", *columns]))

@@ -7,7 +7,8 @@ i + k + 1, DeepSeek-V3's sequential MTP).
 
 Inference: `prefill` runs the prompt (expanded attention) and writes every layer's latent rows
 into its paged cache; `decode` appends the newest tokens' rows and runs absorbed attention over
-the cache (`mla.flash_mla_with_kvcache`). Caches are `[num_layers, num_pages, 64, 1,
+the cache (`mla.flash_mla_with_kvcache`); `decode_hidden` then `mtp_decode` draft the token after
+next from the MTP module over a cache layer of its own (speculative decoding). Caches are `[num_layers, num_pages, 64, 1,
 kv_lora_rank + qk_rope_head_dim]`, bf16 by default.
 """
 
@@ -137,11 +138,16 @@ class DeepseekV3(nnx.Module):
     total = main + (mtp_weight * mtp.mean() if mtp_losses else 0.0)
     return LossOutput(total, main, mtp, counts)
 
-  def init_cache(self, num_pages: int, dtype=jnp.bfloat16) -> jax.Array:
-    """An empty paged latent cache for every layer: `[num_layers, num_pages, 64, 1, kv_lora + rope]`."""
+  def init_cache(self, num_pages: int, dtype=jnp.bfloat16, *, mtp_depths: int = 0) -> jax.Array:
+    """An empty paged latent cache for every layer: `[num_layers + mtp_depths, num_pages, 64, 1, kv_lora + rope]`.
+
+    `mtp_depths` MTP modules' layers follow the main ones, for `mtp_decode` (speculative decoding).
+    """
     c = self.config
-    return jnp.zeros((c.num_hidden_layers, num_pages, mla.metadata.PAGE_SIZE, 1,
-                      c.kv_lora_rank + c.qk_rope_head_dim), dtype)
+    if not 0 <= mtp_depths <= len(self.mtp):
+      raise ValueError(f"mtp_depths must be in [0, {len(self.mtp)}] (the model's MTP modules), got {mtp_depths}")
+    layers = c.num_hidden_layers + mtp_depths
+    return jnp.zeros((layers, num_pages, mla.metadata.PAGE_SIZE, 1, c.kv_lora_rank + c.qk_rope_head_dim), dtype)
 
   def prefill(self, tokens, positions, cache, block_table, *, moe_kwargs=None):
     """Runs prompts and writes their latent rows.
@@ -180,18 +186,74 @@ class DeepseekV3(nnx.Module):
     Returns:
       `(logits [b, s_q, vocab] float32, cache)`.
     """
-    c = self.config
-    _check_tokens(tokens, positions, vocab_size=c.vocab_size)
-    seqlens = positions[:, -1] + 1
-    kwargs = {} if num_sms is None else {"num_sms": num_sms}
-    metadata = mla.get_mla_metadata(seqlens, tokens.shape[1] * c.num_attention_heads, 1, **kwargs)
+    hidden, cache = self.decode_hidden(tokens, positions, cache, block_table, num_sms=num_sms,
+                                       moe_kwargs=moe_kwargs, implementation=implementation)
+    return self.logits(hidden), cache
+
+  def logits(self, hidden) -> jax.Array:
+    """The output head on main hidden states `[..., H]` (before the final norm): float32 `[..., vocab]`."""
+    return self._head(hidden, self.norm).astype(jnp.float32)
+
+  def mtp_logits(self, hidden, depth: int = 0) -> jax.Array:
+    """The shared output head on MTP depth `depth`'s hidden states `[..., H]`: float32 `[..., vocab]`."""
+    return self._head(hidden, self.mtp[depth].shared_head_norm).astype(jnp.float32)
+
+  def decode_hidden(self, tokens, positions, cache, block_table, *, num_sms: int | None = None, moe_kwargs=None,
+                    implementation: str | None = None):
+    """`decode` without the output head: `(hidden [b, s_q, H] before the final norm, cache)`,
+    which `mtp_decode` continues from."""
+    _check_tokens(tokens, positions, vocab_size=self.config.vocab_size)
+    attend = self._attention_plan(positions, num_sms)
     x = self.embed_tokens(tokens)
     for i, layer in enumerate(self.layers):
-      rows = layer.self_attn.latent(layer.input_layernorm(x), positions)
-      cache = cache.at[i].set(write_cache(cache[i], block_table, positions, rows))
-      x = layer.decode(x, positions, cache[i], block_table, seqlens, metadata, moe_kwargs=moe_kwargs,
-                       implementation=implementation)
-    return self._head(x, self.norm).astype(jnp.float32), cache
+      x, cache = self._decode_layer(layer, i, x, positions, cache, block_table, attend, moe_kwargs, implementation)
+    return x, cache
+
+  def mtp_decode(self, hidden, next_tokens, positions, cache, block_table, *, depth: int = 0,
+                 num_sms: int | None = None, moe_kwargs=None, implementation: str | None = None):
+    """One MTP depth over the paged cache: drafts the token after next (speculative decoding).
+
+    Position i combines the main model's hidden state at i with the embedding of token i + 1
+    and predicts token i + 2, as in training (`loss`). Its latent rows go to cache layer
+    `num_hidden_layers + depth` (`init_cache(..., mtp_depths=depth + 1)`). The logits of a
+    position are `mtp_logits(hidden[:, i], depth)`: only the positions drafted from need them.
+
+    Args:
+      hidden: `[b, s_q, H]` from `decode_hidden` (depth 0) or the previous depth.
+      next_tokens: `[b, s_q]` int32, the token after each position.
+      positions, cache, block_table: as in `decode`.
+      depth: which MTP module.
+
+    Returns:
+      `(hidden [b, s_q, H], cache)`; the hidden states also feed depth + 1.
+    """
+    if not 0 <= depth < len(self.mtp):
+      raise ValueError(f"depth must be in [0, {len(self.mtp)}) (the model's MTP modules), got {depth}")
+    c = self.config
+    if cache.shape[0] <= c.num_hidden_layers + depth:
+      raise ValueError(f"cache has {cache.shape[0]} layers; MTP depth {depth} needs layer "
+                       f"{c.num_hidden_layers + depth}: build it with init_cache(..., mtp_depths={depth + 1})")
+    _check_tokens(next_tokens, positions, vocab_size=c.vocab_size)
+    module = self.mtp[depth]
+    x = module.eh_proj(jnp.concatenate([module.enorm(self.embed_tokens(next_tokens)), module.hnorm(hidden)], axis=-1))
+    x, cache = self._decode_layer(module.block, c.num_hidden_layers + depth, x, positions, cache, block_table,
+                                  self._attention_plan(positions, num_sms), moe_kwargs, implementation)
+    return x, cache
+
+  def _attention_plan(self, positions, num_sms):
+    """`(seqlens [b], FlashMLA's tile-scheduler metadata)`, shared by every layer of a step."""
+    seqlens = positions[:, -1] + 1
+    kwargs = {} if num_sms is None else {"num_sms": num_sms}
+    return seqlens, mla.get_mla_metadata(seqlens, positions.shape[1] * self.config.num_attention_heads, 1, **kwargs)
+
+  def _decode_layer(self, layer, index, x, positions, cache, block_table, attend, moe_kwargs, implementation):
+    """Writes the layer's latent rows for `x`'s tokens into cache layer `index`, then runs it."""
+    seqlens, metadata = attend
+    rows = layer.self_attn.latent(layer.input_layernorm(x), positions)
+    cache = cache.at[index].set(write_cache(cache[index], block_table, positions, rows))
+    x = layer.decode(x, positions, cache[index], block_table, seqlens, metadata, moe_kwargs=moe_kwargs,
+                     implementation=implementation)
+    return x, cache
 
 
 def _check_tokens(tokens, positions=None, *, vocab_size: int) -> None:

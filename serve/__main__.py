@@ -23,6 +23,9 @@ flags.DEFINE_integer("seed", 0, "Engine seed, for requests that give none.")
 flags.DEFINE_integer("ep", 1, "Devices for data-parallel attention with the routed experts split over them "
                      "(DeepSeek's decode layout); each has its own KV cache of --num_kv_pages pages and up to "
                      "--max_num_seqs sequences.")
+flags.DEFINE_integer("num_speculative_tokens", 0, "1: draft a token per decode step with the model's MTP module "
+                     "and verify it in the next (DeepSeek-V3's speculative decoding; same outputs, up to two tokens "
+                     "per step). 0: plain decoding.")
 flags.DEFINE_bool("warmup", False, "Compile every batch and chunk shape before serving (the ready line waits "
                   "for it), so no request waits for a compile.")
 flags.DEFINE_string("prompt", None, "Print one completion of this prompt, token by token, and exit (no server).")
@@ -48,7 +51,8 @@ def main(argv):
                             max_tokens=FLAGS.max_tokens)
     engine = LLMEngine(FLAGS.model or model.DEMO_CHECKPOINT, dtype=FLAGS.dtype, max_num_seqs=FLAGS.max_num_seqs,
                        max_num_batched_tokens=FLAGS.max_num_batched_tokens, num_kv_pages=FLAGS.num_kv_pages,
-                       max_model_len=FLAGS.max_model_len, seed=FLAGS.seed, ep=FLAGS.ep)
+                       max_model_len=FLAGS.max_model_len, seed=FLAGS.seed, ep=FLAGS.ep,
+                       num_speculative_tokens=FLAGS.num_speculative_tokens)
     if FLAGS.prompt is not None:
       complete(engine, FLAGS.prompt, params)
       return

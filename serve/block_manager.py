@@ -125,9 +125,9 @@ class BlockManager:
   def can_append(self, seq: Sequence, num_tokens: int = 1) -> bool:
     return self.pages_for(len(seq) + num_tokens) - len(seq.block_table) <= len(self._free)
 
-  def append(self, seq: Sequence) -> None:
-    """Pages for `seq`'s tokens (call after tokens were added, before they are computed)."""
-    while len(seq.block_table) < self.pages_for(len(seq)):
+  def append(self, seq: Sequence, lookahead: int = 0) -> None:
+    """Pages for `seq`'s tokens and `lookahead` more (a draft), before they are computed."""
+    while len(seq.block_table) < self.pages_for(len(seq) + lookahead):
       seq.block_table.append(self._take())
 
   def computed(self, seq: Sequence) -> None:

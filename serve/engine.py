@@ -28,7 +28,7 @@ import model as model_lib
 from model.sharding import EP_AXIS
 from serve.block_manager import PAGE_SIZE, BlockManager
 from serve.detokenizer import IncrementalText
-from serve.model_runner import ModelRunner, bucket
+from serve.model_runner import ModelRunner, StepRow, bucket
 from serve.outputs import EngineStats, RequestOutput
 from serve.sampling_params import SamplingParams
 from serve.scheduler import Scheduler
@@ -57,7 +57,7 @@ def load_model(name: str | None, dtype: str, mesh=None):
     return net, load_tokenizer(None), name
   else:
     raise ValueError(f"model must be a checkpoint directory or a preset ({sorted(model_lib.PRESETS)}), got {name!r}")
-  net = model_lib.from_pretrained(path, dtype=DTYPES[dtype], mesh=mesh)  # MTP modules load when present (unused)
+  net = model_lib.from_pretrained(path, dtype=DTYPES[dtype], mesh=mesh)  # MTP modules load when present
   return net, load_tokenizer(path), model_name
 
 
@@ -82,16 +82,26 @@ class LLMEngine:
       this model (`LLMEngine.page_bytes_for(model)`): pages leaving the device's prefix cache
       are written there, and a prompt whose next full pages are there reads them back instead
       of recomputing them.
+    num_speculative_tokens: 1 drafts a token per decode step with the model's MTP module and
+      verifies it in the next step (DeepSeek-V3's MTP speculative decoding): up to two tokens per
+      step, the same outputs as plain decoding (each token is still sampled from the model with
+      its position's key). 0: plain decoding. Chained MTP depths are not built.
   """
 
   def __init__(self, model: str | None = None, *, dtype: str = "float32", max_num_seqs: int = 8,
                max_num_batched_tokens: int = 256, num_kv_pages: int = 128, max_model_len: int | None = None,
-               seed: int = 0, ep: int = 1, kv_store=None):
+               seed: int = 0, ep: int = 1, kv_store=None, num_speculative_tokens: int = 0):
     if isinstance(ep, bool) or not isinstance(ep, int) or not 1 <= ep <= len(jax.devices()):
       raise ValueError(f"ep must be an int in [1, {len(jax.devices())}] (the devices here), got {ep!r}")
     mesh = None if ep == 1 else jax.make_mesh((ep,), (EP_AXIS,), devices=jax.devices()[:ep])
+    if isinstance(num_speculative_tokens, bool) or num_speculative_tokens not in (0, 1):
+      raise ValueError(f"num_speculative_tokens must be 0 or 1 (one MTP depth drafts), got {num_speculative_tokens!r}")
     net, self.tokenizer, self.model_name = load_model(model, dtype, mesh)
     config = net.config
+    if num_speculative_tokens and not len(net.mtp):
+      raise ValueError(f"num_speculative_tokens=1 drafts with the model's MTP module, and {self.model_name} has none "
+                       f"(num_nextn_predict_layers={config.num_nextn_predict_layers}, or its checkpoint lacks the layers)")
+    self.num_speculative_tokens = num_speculative_tokens
     limit = min(config.max_position_embeddings, (num_kv_pages - 1) * PAGE_SIZE)
     if max_model_len is None:
       max_model_len = limit
@@ -103,7 +113,7 @@ class LLMEngine:
     self.max_prefill_length = bucket(max(16, max_num_batched_tokens), 1 << 30)
     max_pages = BlockManager.pages_for(max_model_len + self.max_prefill_length)
     self.runner = ModelRunner(net, num_pages=num_kv_pages, max_pages_per_seq=max_pages, vocab_limit=self.vocab_size,
-                              mesh=mesh)
+                              speculative=bool(num_speculative_tokens), mesh=mesh)
     self.kv_store = kv_store
     if kv_store is not None and kv_store.page_bytes != self.runner.page_bytes:
       raise ValueError(f"kv_store holds pages of {kv_store.page_bytes} bytes; this model's cache pages are "
@@ -117,12 +127,15 @@ class LLMEngine:
     self._arrivals = 0
     self._requests: dict[str, tuple[Sequence, IncrementalText]] = {}
     self.prompt_tokens = self.generation_tokens = 0
+    self.draft_tokens = self.accepted_tokens = 0  # speculative decoding's drafts checked, and accepted
 
   # -- the on-disk KV-cache store --
   @staticmethod
-  def page_bytes_for(config) -> int:
-    """Bytes of one cache page of a model with this `ModelConfig` (what a `kv_store` must hold)."""
-    return config.num_hidden_layers * PAGE_SIZE * (config.kv_lora_rank + config.qk_rope_head_dim) * 2
+  def page_bytes_for(config, num_speculative_tokens: int = 0) -> int:
+    """Bytes of one cache page of a model with this `ModelConfig` (what a `kv_store` must hold);
+    speculative decoding adds the MTP module's layer."""
+    layers = config.num_hidden_layers + num_speculative_tokens
+    return layers * PAGE_SIZE * (config.kv_lora_rank + config.qk_rope_head_dim) * 2
 
   # Both are best effort: the store is a cache, and its failure must not lose pages or requests.
   def _spill(self, rank: int, page: int, key: bytes) -> None:
@@ -146,12 +159,17 @@ class LLMEngine:
     return loaded
 
   def shapes(self) -> list[tuple[int, int]]:
-    """Every (rows per rank, tokens per row) a step can have: batch buckets times decode (1) and
-    the prefill chunk buckets."""
+    """Every (rows per rank, tokens per row) a step can have: batch buckets times decode (1, or
+    2 with a draft) and the prefill chunk buckets."""
     batches = sorted({bucket(n, self.scheduler.max_num_seqs) for n in range(1, self.scheduler.max_num_seqs + 1)})
-    lengths = [1] + sorted({bucket(max(16, n), self.max_prefill_length)
+    lengths = [self.decode_length] + sorted({bucket(max(16, n), self.max_prefill_length)
                             for n in (1 << k for k in range(self.max_prefill_length.bit_length()))})
     return [(b, n) for b in batches for n in lengths]
+
+  @property
+  def decode_length(self) -> int:
+    """Tokens per row of a decode step: the newest token, and the draft."""
+    return 1 + self.num_speculative_tokens
 
   def warmup(self) -> int:
     """Compiles every step shape now (each runs once on padding rows, which write only the
@@ -201,7 +219,8 @@ class LLMEngine:
                        kv_cache_usage=sum(b.usage for b in ranks) / len(ranks),
                        prefix_cache_hit_tokens=sum(b.hit_tokens for b in ranks),
                        prefix_cache_query_tokens=sum(b.query_tokens for b in ranks), prompt_tokens=self.prompt_tokens,
-                       generation_tokens=self.generation_tokens)
+                       generation_tokens=self.generation_tokens, spec_draft_tokens=self.draft_tokens,
+                       spec_accepted_tokens=self.accepted_tokens)
 
   # -- one step --
   def step(self) -> list[RequestOutput]:
@@ -217,45 +236,74 @@ class LLMEngine:
     for seq, count in zip(batch.seqs, batch.num_tokens):
       start = seq.num_computed_tokens
       p = seq.params
-      rows.append((seq.token_ids[start:start + count], start, seq.block_table,
-                   (p.temperature, p.top_k, p.top_p, p.seed)))
-    # Prefill chunks pad to powers of two from 16 (fewer programs to compile); decode is one token.
-    length = bucket(max(16, max(batch.num_tokens)), self.max_prefill_length) if batch.prefill else 1
+      sampling = (p.temperature, p.top_k, p.top_p, p.seed)
+      if not batch.prefill and count == 2:  # the newest token and its draft
+        rows.append(StepRow([seq.token_ids[-1], seq.draft], start, seq.block_table, sampling, known=1))
+        continue
+      after = start + count  # a prompt chunk that is not the last knows the token after it (the MTP module's input)
+      rows.append(StepRow(seq.token_ids[start:after], start, seq.block_table, sampling,
+                          next_token=seq.token_ids[after] if after < len(seq) else -1))
+    # Prefill chunks pad to powers of two from 16 (fewer programs to compile); decode is one token (two with drafts).
+    length = bucket(max(16, max(batch.num_tokens)), self.max_prefill_length) if batch.prefill else self.decode_length
     ranks = [seq.rank for seq in batch.seqs]
     per_rank = max(ranks.count(r) for r in set(ranks))  # rows of the busiest rank: every rank pads to it
-    sampled = self.runner.run(rows, batch=bucket(per_rank, self.scheduler.max_num_seqs), length=length, ranks=ranks)
+    result = self.runner.run(rows, batch=bucket(per_rank, self.scheduler.max_num_seqs), length=length, ranks=ranks)
     outputs = []
-    for seq, count, token in zip(batch.seqs, batch.num_tokens, sampled):
+    for i, (seq, row) in enumerate(zip(batch.seqs, rows)):
+      known = len(row.tokens) if row.known is None else row.known
       if batch.prefill:
-        self.prompt_tokens += count
-      seq.num_computed_tokens += count
-      self.ranks[seq.rank].computed(seq)
-      if seq.num_computed_tokens < len(seq):
-        continue  # a prompt chunk: no token yet
-      seq.token_ids.append(int(token))
-      self.generation_tokens += 1
-      outputs.append(self._progress(seq))
+        self.prompt_tokens += known
+      if seq.num_computed_tokens + known < len(seq):  # a prompt chunk: no token yet
+        seq.num_computed_tokens += known
+        self.ranks[seq.rank].computed(seq)
+        continue
+      accepted = bool(result.accepted[i])
+      if row.known is not None:
+        self.draft_tokens += 1
+        self.accepted_tokens += accepted
+      # The draft's position is computed when accepted; the newest sample is computed next step.
+      new = [int(result.first[i]), int(result.second[i])] if accepted else [int(result.first[i])]
+      outputs.append(self._progress(seq, new))
+      seq.num_computed_tokens += known + accepted
+      if seq.finish_reason is None:
+        self.ranks[seq.rank].computed(seq)
+        seq.draft = int(result.draft[i]) if self._may_draft(seq) else None
     return outputs
 
-  def _progress(self, seq: Sequence) -> RequestOutput:
+  def _may_draft(self, seq: Sequence) -> bool:
+    """Whether `seq`'s next step may take two tokens (a draft and the one after it)."""
+    if not self.num_speculative_tokens:
+      return False
+    room = self.max_model_len - len(seq)
+    if seq.params.max_tokens is not None:
+      room = min(room, seq.params.max_tokens - seq.num_generated)
+    return room >= 2
+
+  def _progress(self, seq: Sequence, new: list[int]) -> RequestOutput:
+    """Appends `new` tokens one by one, stopping at the first that finishes the request."""
     text = self._requests[seq.request_id][1]
     p = seq.params
-    reason = None
-    if not p.ignore_eos and seq.token_ids[-1] == self.tokenizer.eos_id:
-      reason = "stop"
-    elif p.max_tokens is not None and seq.num_generated >= p.max_tokens:
-      reason = "length"
-    elif len(seq) >= self.max_model_len:
-      reason = "length"
-    generated = seq.generated_ids
-    if reason == "stop":
-      generated = generated[:-1]  # EOS is not text
-    new = text.update(generated, final=reason is not None)
-    if text.stopped:
-      reason = "stop"
+    reason, pieces = None, []
+    for token in new:
+      seq.token_ids.append(token)
+      self.generation_tokens += 1
+      if not p.ignore_eos and token == self.tokenizer.eos_id:
+        reason = "stop"
+      elif p.max_tokens is not None and seq.num_generated >= p.max_tokens:
+        reason = "length"
+      elif len(seq) >= self.max_model_len:
+        reason = "length"
+      generated = seq.generated_ids
+      if reason == "stop":
+        generated = generated[:-1]  # EOS is not text
+      pieces.append(text.update(generated, final=reason is not None))
+      if text.stopped:
+        reason = "stop"
+      if reason is not None:
+        break
     if reason is not None:
       seq.finish_reason = reason
       self.scheduler.remove(seq)
       del self._requests[seq.request_id]
     return RequestOutput(seq.request_id, seq.token_ids[:seq.num_prompt_tokens], list(seq.generated_ids), text.text,
-                         new, reason is not None, reason, seq.num_cached_tokens)
+                         "".join(pieces), reason is not None, reason, seq.num_cached_tokens)

@@ -15,7 +15,7 @@ class LLM:
   Args:
     model: a checkpoint directory, a preset name, or None for the bundled demo checkpoint.
     **engine_args: `LLMEngine`'s (dtype, max_num_seqs, max_num_batched_tokens, num_kv_pages,
-      max_model_len, seed).
+      max_model_len, seed, ep, kv_store, num_speculative_tokens).
   """
 
   def __init__(self, model: str | None = None, **engine_args):

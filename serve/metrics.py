@@ -69,3 +69,7 @@ class _EngineCollector:
                               value=stats.prefix_cache_hit_tokens)
     yield CounterMetricFamily("fireflyer:prompt_tokens", "Prompt tokens processed.", value=stats.prompt_tokens)
     yield CounterMetricFamily("fireflyer:generation_tokens", "Tokens generated.", value=stats.generation_tokens)
+    yield CounterMetricFamily("fireflyer:spec_decode_num_draft_tokens", "MTP draft tokens verified.",
+                              value=stats.spec_draft_tokens)
+    yield CounterMetricFamily("fireflyer:spec_decode_num_accepted_tokens", "MTP draft tokens accepted.",
+                              value=stats.spec_accepted_tokens)

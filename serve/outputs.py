@@ -47,6 +47,8 @@ class EngineStats:
     prefix_cache_hit_tokens, prefix_cache_query_tokens: prompt tokens found in the prefix cache,
       and prompt tokens looked up, since start.
     prompt_tokens, generation_tokens: tokens processed since start.
+    spec_draft_tokens, spec_accepted_tokens: speculative decoding's drafts verified, and those
+      accepted, since start (0 without speculative decoding).
   """
 
   running: int
@@ -56,3 +58,5 @@ class EngineStats:
   prefix_cache_query_tokens: int
   prompt_tokens: int
   generation_tokens: int
+  spec_draft_tokens: int = 0
+  spec_accepted_tokens: int = 0

@@ -6,7 +6,8 @@ model runs them as differently shaped calls:
   budget (`max_num_batched_tokens`): first the sequences already part-way through, then new
   ones admitted first-come first-served while pages, the budget and `max_num_seqs` allow;
 - a *decode* step computes the newest token of every running sequence that has finished its
-  prefill.
+  prefill, and its draft when it has one (speculative decoding: two tokens, the draft's page
+  taken ahead).
 When both kinds have work, they alternate, so long prompts arriving do not stall generation and
 generation does not starve admission. When a decode step needs a page and none is free, the most
 recently admitted sequence is preempted: its pages are freed and it waits to be recomputed
@@ -29,8 +30,9 @@ class ScheduledBatch:
 
   Attributes:
     seqs: the sequences that run.
-    num_tokens: tokens each computes this step, starting at its `num_computed_tokens`.
-    prefill: the kind of step (decode steps compute one token per sequence).
+    num_tokens: tokens each computes this step, starting at its `num_computed_tokens` (in a
+      decode step, 2 for a sequence with a draft: its newest token and the draft).
+    prefill: the kind of step.
   """
 
   seqs: list[Sequence]
@@ -126,13 +128,17 @@ class Scheduler:
   def _decode_batch(self) -> ScheduledBatch | None:
     ready = []
     for seq in sorted((s for s in self.running if not s.prefilling), key=lambda s: s.arrival):
-      while seq in self.running and not self.ranks[seq.rank].can_append(seq, 0):
+      while seq in self.running and not self.ranks[seq.rank].can_append(seq, self._lookahead(seq)):
         self._preempt_latest(rank=seq.rank)
       if seq in self.running:
-        self.ranks[seq.rank].append(seq)
+        self.ranks[seq.rank].append(seq, self._lookahead(seq))
         ready.append(seq)
     ready = [seq for seq in ready if seq in self.running]
-    return ScheduledBatch(ready, [1] * len(ready), False) if ready else None
+    return ScheduledBatch(ready, [1 + self._lookahead(seq) for seq in ready], False) if ready else None
+
+  @staticmethod
+  def _lookahead(seq: Sequence) -> int:
+    return 0 if seq.draft is None else 1
 
   def _rank_for(self, seq: Sequence) -> int | None:
     """The rank that takes `seq`: of those with room, the longest cached prefix, then the most
@@ -154,6 +160,7 @@ class Scheduler:
     self.running.remove(victim)
     self.ranks[rank].free(victim)
     victim.num_computed_tokens = 0
+    victim.draft = None  # its recomputation drafts afresh
     victim.status = Status.WAITING
     self.waiting.appendleft(victim)
     self.num_preemptions += 1

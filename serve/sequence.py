@@ -26,6 +26,8 @@ class Sequence:
     block_table: the cache pages holding the tokens, in order.
     params: how to sample and when to stop.
     arrival: order of arrival, for first-come first-served admission.
+    draft: speculative decoding's guess of the token after the newest (from the MTP module),
+      checked by the next decode step; None when there is none.
   """
 
   def __init__(self, request_id: str, token_ids: list[int], params: SamplingParams, arrival: int):
@@ -43,6 +45,7 @@ class Sequence:
     self.arrival = arrival
     self.status = Status.WAITING
     self.finish_reason: str | None = None
+    self.draft: int | None = None
 
   def __len__(self) -> int:
     return len(self.token_ids)

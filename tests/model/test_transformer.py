@@ -1,4 +1,4 @@
-"""DeepseekV3: the loss with MTP, a training step, and prefill + decode over paged caches against the full forward."""
+"""DeepseekV3: the loss with MTP, a training step, and prefill + decode (and MTP drafting) over paged caches against the full forward."""
 
 from __future__ import annotations
 
@@ -96,6 +96,48 @@ def test_chunked_prefill_through_decode_equals_the_full_forward(net):
   logits, cache = net.decode(tokens[:, first:], positions, cache, table, num_sms=2)
   np.testing.assert_allclose(np.asarray(logits)[0], full[0, first:], rtol=0.05, atol=0.05)  # bf16 cache
   np.testing.assert_array_equal(np.asarray(logits)[0].argmax(-1), full[0, first:].argmax(-1))
+
+
+def test_mtp_decode_over_the_paged_cache_equals_the_training_path(net):
+  # Speculative decoding's draft, in two chunks over the paged cache, against `loss`'s MTP forward:
+  # position i combines the main hidden state at i with token i + 1 and predicts token i + 2.
+  first, chunk = 40, 30
+  s = first + chunk
+  tokens = _tokens(7, (1, s + 1))  # the last token is only the final position's "next token"
+  hidden, _ = net.hidden_states(tokens[:, :s])
+  module = net.mtp[0]
+  out, _ = module(hidden, net.embed_tokens(tokens[:, 1:]), jnp.arange(s, dtype=jnp.int32)[None])
+  want = np.asarray(net._head(out, module.shared_head_norm))[0]
+  table = jnp.asarray([[3, 1]], jnp.int32)
+  cache = net.init_cache(4, mtp_depths=1)
+  assert cache.shape[0] == CFG.num_hidden_layers + 1
+  got = []
+  for start, stop in ((0, first), (first, s)):
+    positions = jnp.arange(start, stop, dtype=jnp.int32)[None]
+    _, cache = net.decode_hidden(tokens[:, start:stop], positions, cache, table, num_sms=2)
+    # The exact hidden state goes in: the main stack's bf16-cache error flips a few MoE routings of
+    # the random weights (3 of 70 rows measured), which is not what this checks (decode's own tests do).
+    out, cache = net.mtp_decode(hidden[:, start:stop], tokens[:, start + 1:stop + 1], positions, cache, table,
+                                num_sms=2)
+    got.append(np.asarray(net.mtp_logits(out))[0])
+  got = np.concatenate(got)
+  np.testing.assert_allclose(got, want, rtol=0.05, atol=0.05)  # its own layer's cache is bf16 too
+  rows = np.arange(s)
+  differ = got.argmax(-1) != want.argmax(-1)  # only near-ties of random weights (2 of 70 measured)
+  assert differ.sum() <= 3
+  assert (want[rows, want.argmax(-1)] - want[rows, got.argmax(-1)])[differ].max(initial=0) < 0.05
+
+
+def test_mtp_decode_needs_the_mtp_cache_layers(net):
+  tokens, positions = jnp.zeros((1, 2), jnp.int32), jnp.arange(2, dtype=jnp.int32)[None]
+  table = jnp.zeros((1, 1), jnp.int32)
+  hidden = jnp.zeros((1, 2, CFG.hidden_size))
+  with pytest.raises(ValueError, match="init_cache"):
+    net.mtp_decode(hidden, tokens, positions, net.init_cache(2), table)
+  with pytest.raises(ValueError, match="depth must be"):
+    net.mtp_decode(hidden, tokens, positions, net.init_cache(2, mtp_depths=1), table, depth=1)
+  with pytest.raises(ValueError, match="mtp_depths must be"):
+    net.init_cache(2, mtp_depths=2)
 
 
 def test_bad_tokens_name_the_argument(net):

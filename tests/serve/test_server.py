@@ -19,8 +19,10 @@ import pytest
 pytestmark = pytest.mark.slow  # a JAX subprocess loading and compiling the demo model
 
 _MAX_MODEL_LEN = 128
+# The server drafts with the MTP module (speculative decoding), so every test here runs that path;
+# `--prompt` mode, plain decoding, must print the server's greedy text.
 _SERVER_FLAGS = ["--port", "0", "--max_num_seqs", "4", "--max_num_batched_tokens", "64", "--num_kv_pages", "64",
-                 "--max_model_len", str(_MAX_MODEL_LEN)]
+                 "--max_model_len", str(_MAX_MODEL_LEN), "--num_speculative_tokens", "1"]
 _PROMPT = "Once upon a time"
 _LONGEST = _MAX_MODEL_LEN - len(_PROMPT)  # the most tokens a request for _PROMPT may ask for
 
@@ -252,6 +254,8 @@ def test_metrics(server, client, model_name):
   assert samples["fireflyer:inter_token_latency_seconds_count"] >= 1
   assert samples['fireflyer:time_to_first_token_seconds_bucket{le="+Inf"}'] >= 1
   assert samples["fireflyer:generation_throughput_toks_per_s"] > 0  # within the 10 s window
+  drafts = samples["fireflyer:spec_decode_num_draft_tokens_total"]
+  assert 0 < drafts and 0 <= samples["fireflyer:spec_decode_num_accepted_tokens_total"] <= drafts
 
 
 def test_still_healthy_after_the_errors(server, client, model_name):
@@ -260,7 +264,7 @@ def test_still_healthy_after_the_errors(server, client, model_name):
   assert client.completions.create(model=model_name, prompt="hi", max_tokens=2).choices[0].text is not None
 
 
-def test_prompt_mode_prints_the_greedy_completion(client, model_name):
+def test_prompt_mode_prints_the_speculative_servers_greedy_completion(client, model_name):
   expected = client.completions.create(model=model_name, prompt=_PROMPT, max_tokens=8, temperature=0).choices[0].text
   result = subprocess.run([sys.executable, "-m", "serve", "--prompt", _PROMPT, "--max_tokens", "8",
                            "--max_model_len", str(_MAX_MODEL_LEN)], capture_output=True, text=True, timeout=300,
