@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 from absl import app, flags
 
 from balancer import balancedness, gpu_loads, rebalance_experts, reference, unbalanced_baseline

@@ -292,7 +292,10 @@ def _is_url(directory: str) -> bool:
 
 def latest_checkpoint(directory: str) -> str | None:
   """The `step_*` subdirectory (a local path or a URL, like `directory`) with the highest step that holds a complete trainer state, or None."""
-  fs, root = fsspec.core.url_to_fs(directory)
+  if _is_url(directory):
+    fs, root = fsspec.core.url_to_fs(directory)
+  else:  # a plain path, even one that fsspec would read as a chained URL ("a::b")
+    fs, root = fsspec.filesystem("file"), os.path.abspath(directory)
   if not fs.isdir(root):
     return None
   steps = []

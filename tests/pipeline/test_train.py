@@ -166,3 +166,13 @@ def test_two_processes_equal_one(corpus, tmp_path):
 def test_bad_flags_are_usage_errors(args, message):
   done = subprocess.run([sys.executable, "-m", "pipeline.train", *args], capture_output=True, text=True, timeout=300)
   assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+
+
+def test_latest_checkpoint_reads_a_local_path_that_looks_like_a_chained_url(tmp_path):
+  from pipeline.trainer import STATE
+  root = tmp_path / "runs::a"  # fsspec would split this at "::"
+  for step, complete in ((2, True), (5, True), (7, False)):
+    (root / f"step_{step:08d}").mkdir(parents=True)
+    if complete:
+      (root / f"step_{step:08d}" / STATE).write_text("{}")
+  assert latest_checkpoint(str(root)) == str(root / "step_00000005")
