@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -17,6 +16,7 @@ from flax import nnx
 import model
 from pipeline.data import TokenCorpus
 from pipeline.trainer import TrainConfig, Trainer, latest_checkpoint
+from tests.ports import reserved_port
 from tests.storage.local_cluster import LocalCluster
 
 SMALL = dict(chunks=2, micro_batch=8, seq_len=16, steps=10, warmup_steps=1)
@@ -113,28 +113,23 @@ def test_checkpoints_at_a_url_hold_the_sharded_train_state(tmp_path):
       np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_equal_one(corpus, tmp_path):
   """`python -m pipeline.train` as 2 processes x 4 CPU devices (gloo) on a pp x ep = 2 x 4 mesh equals this process on 8.
 
   Also its checkpoint, written by both processes together, holds this process's parameters.
   """
-  args = ["--pp=2", "--ep=4", "--schedule=dualpipe", "--chunks=4", "--micro_batch=4", "--seq_len=16", "--steps=2",
-          "--warmup_steps=1", "--max_corpus_mb=1", "--num_processes=2", f"--coordinator_address=127.0.0.1:{_free_port()}",
-          f"--checkpoint_dir={tmp_path}/run", f"--metrics_file={tmp_path}/metrics.jsonl"]
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}  # the binary makes its own 4 devices per process
-  procs = [subprocess.Popen([sys.executable, "-m", "pipeline.train", *args, f"--process_id={i}"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
+  with reserved_port() as port:  # held until both processes are done with the coordinator
+    args = ["--pp=2", "--ep=4", "--schedule=dualpipe", "--chunks=4", "--micro_batch=4", "--seq_len=16", "--steps=2",
+            "--warmup_steps=1", "--max_corpus_mb=1", "--num_processes=2", f"--coordinator_address=127.0.0.1:{port}",
+            f"--checkpoint_dir={tmp_path}/run", f"--metrics_file={tmp_path}/metrics.jsonl"]
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}  # the binary makes its own 4 devices per process
+    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.train", *args, f"--process_id={i}"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+      outputs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+      for p in procs:
+        p.kill()
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
   with open(tmp_path / "metrics.jsonl") as f:

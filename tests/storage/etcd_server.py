@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
 
 import pytest
 
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+from tests.ports import free_ports
 
 
 def start_etcd(data_dir):
@@ -22,7 +17,7 @@ def start_etcd(data_dir):
   binary = shutil.which("etcd")
   if binary is None:
     pytest.skip("etcd is not installed (apt-get install etcd-server; .ci/run installs it)")
-  client, peer = _free_port(), _free_port()
+  client, peer = free_ports(2)
   endpoint = f"http://127.0.0.1:{client}"
   proc = subprocess.Popen([binary, "--data-dir", str(data_dir), "--listen-client-urls", endpoint,
                            "--advertise-client-urls", endpoint, "--listen-peer-urls", f"http://127.0.0.1:{peer}",

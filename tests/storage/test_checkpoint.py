@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import storage.checkpoint as ckpt
+from tests.ports import reserved_port
 from tests.storage.local_cluster import LocalCluster
 
 
@@ -128,21 +128,16 @@ def test_host_values_other_filesystems_and_the_old_fallback(tmp_path):
     ckpt.save(tree, "memory://")
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _two_processes(path: str, mode: str) -> list[str]:
-  coordinator = f"127.0.0.1:{_free_port()}"
-  procs = [subprocess.Popen([sys.executable, "-m", "tests.storage.checkpoint_worker", coordinator, str(i), path, mode],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
+  with reserved_port() as port:  # held until both processes are done with the coordinator
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.storage.checkpoint_worker", f"127.0.0.1:{port}", str(i),
+                               path, mode], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    try:
+      outputs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+      for p in procs:
+        p.kill()
   for p, out in zip(procs, outputs):
     assert p.returncode == 0 and "OK" in out, out[-3000:]
   return outputs
