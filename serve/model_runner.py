@@ -277,7 +277,8 @@ def _rank_writer(mesh):
   into its own row of `pages` (the other ranks' rows name their trash page)."""
 
   def local(cache, pages, values):
-    return cache.at[0, :, pages[0]].set(jnp.moveaxis(values, 0, 1).astype(cache.dtype))
+    # cache[0] first: indexing [0, :, pages] at once would put the pages' axis ahead of the layers'.
+    return cache[0].at[:, pages[0]].set(jnp.moveaxis(values, 0, 1).astype(cache.dtype))[None]
 
   return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(EP_AXIS), P(EP_AXIS), P()), out_specs=P(EP_AXIS)),
                  donate_argnums=(0,))

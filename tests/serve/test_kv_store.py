@@ -15,14 +15,24 @@ from tests.storage.local_cluster import LocalCluster
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-  import model
+def cluster(tmp_path_factory):
+  """(client, index KV) of a local storage cluster."""
   root = tmp_path_factory.mktemp("kvstore")
   with LocalCluster(root / "cluster", gc_delay_s=0.0) as cluster, storage.connect(cluster.address) as client:
     kv = SqliteKV(root / "index.db")
-    page_bytes = LLMEngine.page_bytes_for(model.ModelConfig.from_hf(model.DEMO_CHECKPOINT))
-    yield KVCacheStore(client, kv, "/serve-kv", page_bytes=page_bytes, capacity_pages=64)
+    yield client, kv
     kv.close()
+
+
+def _store(cluster, root: str, num_speculative_tokens: int = 0) -> KVCacheStore:
+  import model
+  page_bytes = LLMEngine.page_bytes_for(model.ModelConfig.from_hf(model.DEMO_CHECKPOINT), num_speculative_tokens)
+  return KVCacheStore(*cluster, root, page_bytes=page_bytes, capacity_pages=64)
+
+
+@pytest.fixture(scope="module")
+def store(cluster):
+  return _store(cluster, "/serve-kv")
 
 
 def test_spilled_pages_are_read_back_and_give_the_same_output(store):
@@ -39,6 +49,24 @@ def test_spilled_pages_are_read_back_and_give_the_same_output(store):
   again = llm.generate(long_prompt, greedy)[0]
   assert again.num_cached_tokens == 128 and engine.blocks.store_hit_tokens >= 64  # at least one page from the store
   assert again.token_ids == first.token_ids
+
+
+def test_two_ranks_with_speculative_decoding_spill_and_read_back(cluster):
+  # Pages carry the MTP layer too (another page size: a store of its own), and a page spilled by
+  # one data-parallel rank may come back on the other.
+  spec_store = _store(cluster, "/serve-kv-mtp", num_speculative_tokens=1)
+  llm = LLM(max_num_seqs=2, max_num_batched_tokens=16, num_kv_pages=8, max_model_len=256, kv_store=spec_store, ep=2,
+            num_speculative_tokens=1)
+  engine = llm.engine
+  greedy = SamplingParams(temperature=0, max_tokens=8)
+  long_prompt = PROMPTS[1] + PROMPTS[3]
+  first = llm.generate(long_prompt, greedy)[0]
+  for prompt in PROMPTS * 2:  # every rank's free pages are taken over: the long prompt's cached pages are spilled
+    llm.generate([prompt * 2, prompt[::-1] * 2], greedy)
+  assert spec_store.stats().used_pages >= 2
+  again = llm.generate(long_prompt, greedy)[0]
+  assert again.num_cached_tokens == 128 and sum(b.store_hit_tokens for b in engine.ranks) >= 64
+  assert again.token_ids == first.token_ids and engine.accepted_tokens > 0
 
 
 def test_a_store_of_another_page_size_is_refused(store, tmp_path):
