@@ -32,6 +32,8 @@ from model.sharding import EP_AXIS, state_specs
 from serve.block_manager import PAGE_SIZE, TRASH_PAGE
 from serve.sampler import sample
 
+_VERIFY_LENGTH = 2  # the only step length that carries drafts: [newest token, draft]
+
 
 class StepInput(NamedTuple):
   """One step, padded (numpy on the host, then device arrays).
@@ -223,6 +225,8 @@ class ModelRunner:
       if not 1 <= num_known <= len(ids) <= num_known + int(self.speculative):
         raise ValueError(f"row {i} has {len(ids)} tokens of which {num_known} known: at least one known, and at most "
                          f"{int(self.speculative)} draft")
+      if num_known < len(ids) and length != _VERIFY_LENGTH:
+        raise ValueError(f"row {i} has a draft: drafts are verified in steps of length {_VERIFY_LENGTH}, not {length}")
       tokens[i, :len(ids)] = ids
       positions[i] = row.start + np.arange(length)
       table[i, :len(row.pages)] = row.pages
@@ -251,8 +255,11 @@ def _local_step(graphdef, state, cache, tokens, positions, block_table, last, kn
     none = jnp.zeros_like(first)
     return jnp.stack([first, none, none, none - 1], axis=1), cache
   draft_index = jnp.minimum(known, length - 1)
-  second = sample_after(draft_index)
-  accepted = (last >= known) & (first == tokens[rows, draft_index])
+  if length == _VERIFY_LENGTH:  # a decode step: rows may be [newest, draft]
+    second = sample_after(draft_index)
+    accepted = (last >= known) & (first == tokens[rows, draft_index])
+  else:  # a prefill step (chunks pad to 16 or more): no drafts, no second head and sort
+    second, accepted = first, jnp.zeros_like(first, bool)
   # The MTP module's input at position i is the token at i + 1: the row's own tokens, then what
   # this step sampled (the row's known next token instead, for a prompt chunk that is not the last).
   index = jnp.arange(length)[None]

@@ -48,7 +48,7 @@ class Scheduler:
       one rank, with that rank's cache).
     max_num_seqs: the most sequences running at once (per rank).
     max_num_batched_tokens: the most tokens a prefill step computes (a decode step computes at
-      most `max_num_seqs`).
+      most `max_num_seqs` sequences' newest tokens, and their drafts).
   """
 
   def __init__(self, block_manager: BlockManager | Sequence_[BlockManager], *, max_num_seqs: int,
@@ -128,6 +128,8 @@ class Scheduler:
   def _decode_batch(self) -> ScheduledBatch | None:
     ready = []
     for seq in sorted((s for s in self.running if not s.prefilling), key=lambda s: s.arrival):
+      if seq.draft is not None and not self.ranks[seq.rank].can_append(seq, 1):
+        seq.draft = None  # no page for the draft: one token this step rather than a preemption
       while seq in self.running and not self.ranks[seq.rank].can_append(seq, self._lookahead(seq)):
         self._preempt_latest(rank=seq.rank)
       if seq in self.running:

@@ -87,7 +87,7 @@ def test_out_of_pages_preempts_the_latest_and_it_is_recomputed_with_its_tokens()
   assert b.num_cached_tokens == 0  # what its prompt found at its first admission; readmission is no new prompt
 
 
-def test_a_draft_takes_its_page_ahead_and_preemption_drops_it():
+def test_a_draft_takes_its_page_ahead_or_is_dropped_when_none_is_free():
   blocks = BlockManager(4)  # 3 usable pages
   scheduler = Scheduler(blocks, max_num_seqs=4, max_num_batched_tokens=1000)
   a, b = seq(PAGE_SIZE - 1), seq(PAGE_SIZE - 1, first=100)
@@ -96,17 +96,16 @@ def test_a_draft_takes_its_page_ahead_and_preemption_drops_it():
   run(scheduler, scheduler.schedule())  # both prefilled: 64 tokens each, their newest at position 63
   a.draft, b.draft = 5, 6
   batch = scheduler.schedule()  # newest + draft: the draft's position 64 is on a 2nd page, taken ahead
-  assert not batch.prefill and batch.seqs == [a] and batch.num_tokens == [2] and len(a.block_table) == 2
-  # b's draft needed a 2nd page too, and none was left: b (the latest) was preempted, its draft dropped.
-  assert scheduler.waiting[0] is b and b.draft is None and b.block_table == [] and scheduler.num_preemptions == 1
-  a.num_computed_tokens += 1  # as the engine does after a rejected draft: its newest token computed, one sampled
-  a.token_ids.append(7)
-  a.draft = None
-  batch = scheduler.schedule()  # b's readmission (its newest token was never computed: nothing cached)
-  assert batch.prefill and batch.seqs == [b] and batch.num_tokens == [PAGE_SIZE]
-  scheduler.remove(b)
+  assert not batch.prefill and batch.seqs == [a, b] and batch.num_tokens == [2, 1] and len(a.block_table) == 2
+  # b's draft needed a 2nd page too, and none was left: b runs its newest token alone, nobody is preempted.
+  assert b.draft is None and len(b.block_table) == 1 and scheduler.num_preemptions == 0
+  a.num_computed_tokens += 1  # as the engine does after a rejected draft: its newest token computed, one sampled,
+  a.token_ids.append(7)  # and a new draft
+  a.draft = 9
+  b.num_computed_tokens += 1
+  b.token_ids.append(7)  # b's newest is now at position 64: it needs its 2nd page, and only then is one preempted
   batch = scheduler.schedule()
-  assert batch.seqs == [a] and batch.num_tokens == [1]  # no draft: one token, no page taken ahead
+  assert batch.seqs == [a] and batch.num_tokens == [2] and scheduler.waiting[0] is b and scheduler.num_preemptions == 1
 
 
 def test_a_sequence_longer_than_the_cache_is_refused():
