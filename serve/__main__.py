@@ -26,6 +26,8 @@ flags.DEFINE_integer("ep", 1, "Devices for data-parallel attention with the rout
 flags.DEFINE_integer("num_speculative_tokens", 0, "1: draft a token per decode step with the model's MTP module "
                      "and verify it in the next (DeepSeek-V3's speculative decoding; same outputs, up to two tokens "
                      "per step). 0: plain decoding.")
+flags.DEFINE_float("health_stall_s", 600.0, "/health answers 503 while one engine step has run longer than this "
+                   "(seconds; a first use of a shape compiles).")
 flags.DEFINE_bool("warmup", False, "Compile every batch and chunk shape before serving (the ready line waits "
                   "for it), so no request waits for a compile.")
 flags.DEFINE_string("prompt", None, "Print one completion of this prompt, token by token, and exit (no server).")
@@ -47,6 +49,8 @@ def main(argv):
 
   logging.info("process %d of %d", jax.process_index(), jax.process_count())
   try:
+    if not FLAGS.health_stall_s > 0:
+      raise ValueError(f"--health_stall_s must be > 0, got {FLAGS.health_stall_s}")
     params = SamplingParams(temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k,
                             max_tokens=FLAGS.max_tokens)
     engine = LLMEngine(FLAGS.model or model.DEMO_CHECKPOINT, dtype=FLAGS.dtype, max_num_seqs=FLAGS.max_num_seqs,
@@ -66,7 +70,7 @@ def main(argv):
   if FLAGS.warmup:
     logging.info("warm-up: compiled %d step shapes", engine.warmup())
 
-  asyncio.run(server.serve(engine, host=FLAGS.host, port=FLAGS.port,
+  asyncio.run(server.serve(engine, host=FLAGS.host, port=FLAGS.port, health_stall_s=FLAGS.health_stall_s,
                            on_ready=lambda url: print(f"serve: listening on {url}", flush=True)))
 
 

@@ -96,6 +96,7 @@ class AsyncLLM:
     self._commands: collections.deque = collections.deque()  # guarded by _cond
     self._stopping = False  # guarded by _cond
     self._streams: dict[str, _Stream] = {}  # engine thread only
+    self._step_started: float | None = None  # monotonic start of the step in progress; written by the engine thread
     self._snapshot_lock = threading.Lock()
     # No thread runs yet, so reading the engine here is still single-threaded.
     self._stats: EngineStats = engine.stats()
@@ -116,6 +117,11 @@ class AsyncLLM:
   def is_running(self) -> bool:
     """Whether the engine thread is alive (false after `shutdown`)."""
     return self._thread.is_alive()
+
+  def step_seconds(self) -> float:
+    """How long the engine step in progress has run so far; 0 between steps (a stuck step grows without bound)."""
+    started = self._step_started  # one read: the engine thread may clear it meanwhile
+    return 0.0 if started is None else time.monotonic() - started
 
   def apply_chat_template(self, messages: list[dict]) -> str:
     """The engine tokenizer's chat template. Pure string formatting, so safe off the engine
@@ -256,12 +262,15 @@ class AsyncLLM:
 
   def _step(self) -> bool:
     """One engine step; returns whether work remains."""
+    self._step_started = time.monotonic()
     try:
       outputs = self._engine.step()
     except Exception as err:  # noqa: BLE001 - reported to every waiting caller
       logging.exception("engine step failed; failing its %d requests", len(self._streams))
       self._fail_all(RuntimeError(f"engine step failed: {err!r}"), [])
       return False
+    finally:
+      self._step_started = None
     now = time.monotonic()
     deliveries = []
     for output in outputs:

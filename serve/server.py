@@ -48,19 +48,24 @@ class ApiError(Exception):
 _LLM = web.AppKey("llm", AsyncLLM)
 _METRICS = web.AppKey("metrics", Metrics)
 _CREATED = web.AppKey("created", int)
+_STALL_S = web.AppKey("health_stall_s", float)
 
 
-def create_app(engine: Any) -> web.Application:
+def create_app(engine: Any, *, health_stall_s: float = 600.0) -> web.Application:
   """The aiohttp app serving `engine`, which it runs on an `AsyncLLM` thread from now on.
 
   Args:
     engine: an `LLMEngine`; nothing else may call it once this returns.
+    health_stall_s: `/health` answers 503 while one engine step has run longer than this (a
+      hung device or a deadlock; a first use of a shape compiles, which takes seconds to minutes).
   """
+  if not health_stall_s > 0:
+    raise ValueError(f"health_stall_s must be > 0, got {health_stall_s}")
   metrics = Metrics()
   llm = AsyncLLM(engine, observer=metrics)
   metrics.watch(llm)
   app = web.Application(middlewares=[_errors_as_json])
-  app[_LLM], app[_METRICS], app[_CREATED] = llm, metrics, int(time.time())
+  app[_LLM], app[_METRICS], app[_CREATED], app[_STALL_S] = llm, metrics, int(time.time()), float(health_stall_s)
   app.router.add_post("/v1/completions", _completions)
   app.router.add_post("/v1/chat/completions", _chat_completions)
   app.router.add_get("/v1/models", _models)
@@ -75,16 +80,18 @@ def create_app(engine: Any) -> web.Application:
 
 
 async def serve(engine: Any, *, host: str = "127.0.0.1", port: int = 8000,
-                on_ready: Callable[[str], None] | None = None) -> None:
+                on_ready: Callable[[str], None] | None = None, health_stall_s: float = 600.0) -> None:
   """Serves `engine` over HTTP until SIGINT/SIGTERM or until the calling task is cancelled.
 
   Args:
     engine: an `LLMEngine`.
     host, port: where to listen; port 0 picks a free one.
     on_ready: called with the server's URL once it accepts connections.
+    health_stall_s: see `create_app`.
   """
   # handler_cancellation: a client that hangs up cancels its handler, which aborts its request.
-  runner = web.AppRunner(create_app(engine), handler_cancellation=True, access_log=None)
+  runner = web.AppRunner(create_app(engine, health_stall_s=health_stall_s), handler_cancellation=True,
+                         access_log=None)
   await runner.setup()
   loop, stop, handled = asyncio.get_running_loop(), asyncio.Event(), []
   try:
@@ -128,8 +135,12 @@ async def _models(request: web.Request) -> web.Response:
 
 
 async def _health(request: web.Request) -> web.Response:
-  if not request.app[_LLM].is_running:
+  llm = request.app[_LLM]
+  if not llm.is_running:
     raise ApiError(503, "the engine thread has stopped", error_type="server_error")
+  if (seconds := llm.step_seconds()) > request.app[_STALL_S]:
+    raise ApiError(503, f"an engine step has run for {seconds:.0f} s (more than {request.app[_STALL_S]:g} s)",
+                   error_type="server_error")
   return web.json_response({"status": "ok"})
 
 

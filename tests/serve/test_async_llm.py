@@ -287,3 +287,64 @@ def test_a_dead_engine_thread_fails_its_callers_instead_of_hanging(engine):
   with pytest.raises(RuntimeError):
     asyncio.run(_collect(llm, "x", max_tokens=3))
   llm.shutdown()
+
+
+class HungEngine(FakeEngine):
+  """A step that blocks until released: a hung device."""
+
+  def __init__(self):
+    super().__init__()
+    self.release = threading.Event()
+
+  def step(self):
+    self.release.wait(timeout=60)
+    return super().step()
+
+
+def test_step_seconds_grows_during_a_step_and_is_zero_between_steps():
+  engine = HungEngine()
+  llm = AsyncLLM(engine)
+
+  async def run():
+    collected = asyncio.ensure_future(_collect(llm, "x", max_tokens=2))
+    await _wait_for(lambda: llm.step_seconds() > 0.05)
+    engine.release.set()
+    await collected
+
+  try:
+    assert llm.step_seconds() == 0.0
+    asyncio.run(run())
+    assert llm.step_seconds() == 0.0
+  finally:
+    engine.release.set()
+    llm.shutdown()
+
+
+def test_health_reports_a_stalled_step_and_recovers():
+  from aiohttp.test_utils import TestClient, TestServer
+
+  from serve.server import create_app
+
+  engine = HungEngine()
+  with pytest.raises(ValueError, match="health_stall_s"):
+    create_app(FakeEngine(), health_stall_s=0)
+
+  async def run():
+    async with TestClient(TestServer(create_app(engine, health_stall_s=0.2))) as client:
+      assert (await client.get("/health")).status == 200
+      completion = asyncio.ensure_future(client.post("/v1/completions", json={"model": "fake", "prompt": "x",
+                                                                                "max_tokens": 2}))
+      deadline = time.monotonic() + 30
+      while (response := await client.get("/health")).status == 200:  # the step hangs: 503 after 0.2 s
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+      body = await response.json()
+      assert response.status == 503 and "engine step has run for" in body["error"]["message"]
+      engine.release.set()
+      assert (await completion).status == 200
+      assert (await client.get("/health")).status == 200
+
+  try:
+    asyncio.run(run())
+  finally:
+    engine.release.set()
