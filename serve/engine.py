@@ -28,6 +28,7 @@ import model as model_lib
 from model.sharding import EP_AXIS
 from serve.block_manager import PAGE_SIZE, BlockManager
 from serve.detokenizer import IncrementalText
+from serve.kv_spill import Spiller
 from serve.model_runner import ModelRunner, StepRow, bucket
 from serve.outputs import EngineStats, RequestOutput
 from serve.sampling_params import SamplingParams
@@ -80,8 +81,9 @@ class LLMEngine:
       free pages; the MoE layers dispatch tokens to their experts' ranks. 1: one device.
     kv_store: an optional `storage.kvcache.KVCacheStore` whose `page_bytes` is one cache page of
       this model (`LLMEngine.page_bytes_for(model)`): pages leaving the device's prefix cache
-      are written there, and a prompt whose next full pages are there reads them back instead
-      of recomputing them.
+      are written there (by a background thread, `serve.kv_spill`; `flush_kv_store` waits for
+      it), and a prompt whose next full pages are there reads them back instead of recomputing
+      them.
     num_speculative_tokens: 1 drafts a token per decode step with the model's MTP module and
       verifies it in the next step (DeepSeek-V3's MTP speculative decoding): up to two tokens per
       step, the same outputs as plain decoding (each token is still sampled from the model with
@@ -118,6 +120,7 @@ class LLMEngine:
     if kv_store is not None and kv_store.page_bytes != self.runner.page_bytes:
       raise ValueError(f"kv_store holds pages of {kv_store.page_bytes} bytes; this model's cache pages are "
                        f"{self.runner.page_bytes}")
+    self._spiller = None if kv_store is None else Spiller(kv_store)
     hooks = lambda rank: {} if kv_store is None else {"spill": functools.partial(self._spill, rank),
                                                        "load": functools.partial(self._load, rank)}
     self.ranks = [BlockManager(num_kv_pages, **hooks(rank)) for rank in range(ep)]
@@ -137,26 +140,48 @@ class LLMEngine:
     layers = config.num_hidden_layers + num_speculative_tokens
     return layers * PAGE_SIZE * (config.kv_lora_rank + config.qk_rope_head_dim) * 2
 
+  def flush_kv_store(self, timeout_s: float | None = None) -> bool:
+    """Waits until every spilled page is written to the KV-cache store; False on timeout (True without a store)."""
+    return self._spiller is None or self._spiller.flush(timeout_s)
+
   # Both are best effort: the store is a cache, and its failure must not lose pages or requests.
   def _spill(self, rank: int, page: int, key: bytes) -> None:
-    try:
-      self.kv_store.put(key, self.runner.read_page(page, rank))  # already stored: a no-op
-    except Exception:  # noqa: BLE001 -- the page is simply not kept
-      logging.warning("KV-cache store: spilling a page failed; it is dropped", exc_info=True)
+    self._spiller.put(key, self.runner.read_page(page, rank))  # on the host now: the device page is reused next
 
   def _load(self, rank: int, keys: list[bytes], pages: list[int]) -> int:
+    waiting = self._spiller.lookup(keys)  # spilled, not yet written: served from memory
+    missing = [key for key, page in zip(keys, waiting) if page is None]
     try:
-      available = self.kv_store.batch_exists(keys)
-      if not available:
-        return 0
-      found, data = self.kv_store.get_many(keys[:available])
+      available = self.kv_store.batch_exists(missing) if missing else 0  # the leading run of `missing` stored
     except Exception:  # noqa: BLE001 -- the pages are recomputed instead
       logging.warning("KV-cache store: reading pages failed; they are recomputed", exc_info=True)
-      return 0
-    loaded = int(np.argmin(found)) if not found.all() else available  # the leading run actually read
-    if loaded:
-      self.runner.write_pages(pages[:loaded], data, rank)
-    return loaded
+      available = 0
+    run, stored = 0, 0  # the leading run of keys held here or in the store
+    for page in waiting:
+      if page is None:
+        if stored == available:
+          break
+        stored += 1
+      run += 1
+    if stored:
+      try:
+        found, data = self.kv_store.get_many(missing[:stored])
+      except Exception:  # noqa: BLE001
+        logging.warning("KV-cache store: reading pages failed; they are recomputed", exc_info=True)
+        found, data = np.zeros(stored, bool), None
+      rows, k = [], 0
+      for i, page in enumerate(waiting[:run]):
+        if page is None:  # an entry evicted between batch_exists and get_many ends the run
+          if not found[k]:
+            run = i
+            break
+          page, k = data[k], k + 1
+        rows.append(page)
+    else:
+      rows = waiting[:run]
+    if run:
+      self.runner.write_pages(pages[:run], np.stack(rows[:run]), rank)
+    return run
 
   def shapes(self) -> list[tuple[int, int]]:
     """Every (rows per rank, tokens per row) a step can have: batch buckets times decode (1, or

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import storage
@@ -45,6 +47,7 @@ def test_spilled_pages_are_read_back_and_give_the_same_output(store):
   assert first.num_cached_tokens == 0 and store.stats().used_pages == 0
   for prompt in PROMPTS:  # other prompts take the free pages over: the long prompt's cached pages are spilled
     llm.generate(prompt * 2, greedy)
+  assert engine.flush_kv_store(timeout_s=60)  # spills are written by a background thread
   assert store.stats().used_pages >= 2
   again = llm.generate(long_prompt, greedy)[0]
   assert again.num_cached_tokens == 128 and engine.blocks.store_hit_tokens >= 64  # at least one page from the store
@@ -63,6 +66,7 @@ def test_two_ranks_with_speculative_decoding_spill_and_read_back(cluster):
   first = llm.generate(long_prompt, greedy)[0]
   for prompt in PROMPTS * 2:  # every rank's free pages are taken over: the long prompt's cached pages are spilled
     llm.generate([prompt * 2, prompt[::-1] * 2], greedy)
+  assert engine.flush_kv_store(timeout_s=60)
   assert spec_store.stats().used_pages >= 2
   again = llm.generate(long_prompt, greedy)[0]
   assert again.num_cached_tokens == 128 and sum(b.store_hit_tokens for b in engine.ranks) >= 64
@@ -93,3 +97,45 @@ def test_a_failing_store_costs_recomputation_not_pages_or_requests(store):
   first = [out.token_ids for out in llm.generate([p * 2 for p in PROMPTS], greedy)]  # spills fail
   again = [out.token_ids for out in llm.generate([p * 2 for p in PROMPTS], greedy)]  # loads fail too
   assert again == first and llm.engine.blocks.num_free == 7 and not llm.engine.has_unfinished()
+  assert llm.engine.flush_kv_store(timeout_s=60) and llm.engine._spiller.failed > 0
+
+
+class _MemoryStore:
+  """A KV-cache store in a dict, whose puts wait for `open` (so spilled pages stay queued)."""
+
+  def __init__(self, page_bytes):
+    import threading
+    self.page_bytes = page_bytes
+    self.pages: dict[bytes, np.ndarray] = {}
+    self.open = threading.Event()
+
+  def put(self, key, page):
+    self.open.wait(timeout=60)
+    self.pages[key] = page.copy()
+
+  def batch_exists(self, keys):
+    return next((i for i, key in enumerate(keys) if key not in self.pages), len(keys))
+
+  def get_many(self, keys):
+    found = np.array([key in self.pages for key in keys])
+    return found, np.stack([self.pages.get(key, np.zeros(self.page_bytes, np.uint8)) for key in keys])
+
+
+def test_a_load_takes_queued_spills_and_stored_pages_in_prefix_order(store):
+  memory = _MemoryStore(store.page_bytes)
+  engine = LLMEngine(max_num_seqs=4, max_num_batched_tokens=16, num_kv_pages=8, max_model_len=256, kv_store=memory)
+  rng = np.random.default_rng(0)
+  # bfloat16 values, as the cache holds (random bytes would include NaNs, which the device may canonicalize).
+  page = lambda: rng.standard_normal(store.page_bytes // 2).astype(jnp.bfloat16).view(np.uint8)
+  queued, stored = {b"q1": page(), b"q3": page()}, {b"s2": page(), b"s5": page()}
+  memory.pages.update(stored)
+  for key, data in queued.items():
+    assert engine._spiller.put(key, data)  # the store is slow: these wait in memory
+  try:
+    # The leading run held somewhere is q1, s2, q3; "x4" is nowhere, so s5 (stored) is not used.
+    assert engine._load(0, [b"q1", b"s2", b"q3", b"x4", b"s5"], [3, 4, 5, 6, 7]) == 3
+    for device_page, want in zip([3, 4, 5], [queued[b"q1"], stored[b"s2"], queued[b"q3"]]):
+      np.testing.assert_array_equal(engine.runner.read_page(device_page), want)
+  finally:
+    memory.open.set()
+  assert engine.flush_kv_store(timeout_s=60) and set(memory.pages) == {b"q1", b"q3", b"s2", b"s5"}
