@@ -28,6 +28,12 @@ flags.DEFINE_integer("num_speculative_tokens", 0, "1: draft a token per decode s
                      "per step). 0: plain decoding.")
 flags.DEFINE_float("health_stall_s", 600.0, "/health answers 503 while one engine step has run longer than this "
                    "(seconds; a first use of a shape compiles).")
+flags.DEFINE_string("kv_store", None, "3fs://HOST:PORT/ROOT: spill prefix-cache pages leaving the device to this "
+                    "storage cluster's KV-cache store, and read them back on a hit (needs --kv_store_index).")
+flags.DEFINE_string("kv_store_index", None, "The KV-cache store's index: sqlite:PATH (this host's servers share "
+                    "it), etcd://HOST:PORT (every host's), or memory (this server only).")
+flags.DEFINE_integer("kv_store_pages", None, "The KV-cache store's capacity in pages, when it is created "
+                     "(default: the store's own).")
 flags.DEFINE_bool("warmup", False, "Compile every batch and chunk shape before serving (the ready line waits "
                   "for it), so no request waits for a compile.")
 flags.DEFINE_string("prompt", None, "Print one completion of this prompt, token by token, and exit (no server).")
@@ -53,10 +59,11 @@ def main(argv):
       raise ValueError(f"--health_stall_s must be > 0, got {FLAGS.health_stall_s}")
     params = SamplingParams(temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k,
                             max_tokens=FLAGS.max_tokens)
-    engine = LLMEngine(FLAGS.model or model.DEMO_CHECKPOINT, dtype=FLAGS.dtype, max_num_seqs=FLAGS.max_num_seqs,
+    name = FLAGS.model or model.DEMO_CHECKPOINT
+    engine = LLMEngine(name, dtype=FLAGS.dtype, max_num_seqs=FLAGS.max_num_seqs,
                        max_num_batched_tokens=FLAGS.max_num_batched_tokens, num_kv_pages=FLAGS.num_kv_pages,
                        max_model_len=FLAGS.max_model_len, seed=FLAGS.seed, ep=FLAGS.ep,
-                       num_speculative_tokens=FLAGS.num_speculative_tokens)
+                       num_speculative_tokens=FLAGS.num_speculative_tokens, kv_store=_kv_store(name))
     if FLAGS.prompt is not None:
       complete(engine, FLAGS.prompt, params)
       return
@@ -72,6 +79,34 @@ def main(argv):
 
   asyncio.run(server.serve(engine, host=FLAGS.host, port=FLAGS.port, health_stall_s=FLAGS.health_stall_s,
                            on_ready=lambda url: print(f"serve: listening on {url}", flush=True)))
+
+
+def _kv_store(model_name: str):
+  """The `--kv_store` flags' `storage.kvcache.KVCacheStore` (None without them); ValueError naming the flag."""
+  if FLAGS.kv_store is None:
+    if FLAGS.kv_store_index is not None or FLAGS.kv_store_pages is not None:
+      raise ValueError("--kv_store_index and --kv_store_pages need --kv_store")
+    return None
+  if not FLAGS.kv_store.startswith("3fs://") or not FLAGS.kv_store[len("3fs://"):].split("/")[0]:
+    raise ValueError(f"--kv_store must be 3fs://HOST:PORT/ROOT, got {FLAGS.kv_store!r}")
+  if FLAGS.kv_store_index is None:
+    raise ValueError("--kv_store needs --kv_store_index (sqlite:PATH, etcd://HOST:PORT or memory)")
+  import storage
+  from serve.engine import LLMEngine, model_config
+  from storage.kv import open_kv
+  from storage.kvcache import KVCacheStore
+  from storage.transport import StorageError
+  address, _, root = FLAGS.kv_store[len("3fs://"):].partition("/")
+  try:
+    index = open_kv(FLAGS.kv_store_index)
+  except ValueError as err:
+    raise ValueError(f"--kv_store_index: {err}") from None
+  page_bytes = LLMEngine.page_bytes_for(model_config(model_name), FLAGS.num_speculative_tokens)
+  try:
+    return KVCacheStore(storage.connect(address, timeout_s=10), index, "/" + (root or "kvcache"),
+                        page_bytes=page_bytes, capacity_pages=FLAGS.kv_store_pages)
+  except (OSError, StorageError) as err:  # unreachable, refused, timed out
+    raise ValueError(f"--kv_store: cannot use the storage cluster at {address}: {err!r}") from None
 
 
 def complete(engine, prompt: str, params) -> None:

@@ -39,6 +39,15 @@ from serve.tokenizers import load_tokenizer
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def model_config(name: str | None):
+  """The `ModelConfig` that `load_model(name, ...)` builds, without loading weights."""
+  if name is not None and not os.path.isdir(name) and name in model_lib.PRESETS:
+    return model_lib.PRESETS[name]
+  if name is not None and not os.path.isdir(name):
+    raise ValueError(f"model must be a checkpoint directory or a preset ({sorted(model_lib.PRESETS)}), got {name!r}")
+  return model_lib.ModelConfig.from_hf(name or model_lib.DEMO_CHECKPOINT)
+
+
 def load_model(name: str | None, dtype: str, mesh=None):
   """(model, tokenizer, model name) for a checkpoint path, a preset name (random weights), or None (the demo);
   with a mesh, the routed experts are split over its `ep` axis."""

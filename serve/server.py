@@ -74,6 +74,9 @@ def create_app(engine: Any, *, health_stall_s: float = 600.0) -> web.Application
 
   async def shutdown(app: web.Application) -> None:
     await asyncio.to_thread(app[_LLM].shutdown)  # joins the engine thread, which may be mid-step
+    flush = getattr(engine, "flush_kv_store", None)  # spilled pages still queued for the KV-cache store
+    if flush is not None and not await asyncio.to_thread(flush, 30.0):
+      logging.warning("KV-cache store: spilled pages still queued after 30 s are dropped")
 
   app.on_cleanup.append(shutdown)
   return app

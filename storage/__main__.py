@@ -62,14 +62,11 @@ def run_mgmtd(args) -> None:
 
 
 def _kv(spec: str):
-  from storage.kv import EtcdKV, MemoryKV, SqliteKV
-  if spec == "memory":
-    return MemoryKV()
-  if spec.startswith("sqlite:"):
-    return SqliteKV(spec[len("sqlite:"):])
-  if spec.startswith("etcd://"):
-    return EtcdKV("http://" + spec[len("etcd://"):])
-  raise SystemExit(f"--kv must be sqlite:PATH, etcd://HOST:PORT or memory, got {spec!r}")
+  from storage.kv import open_kv
+  try:
+    return open_kv(spec)
+  except ValueError as err:
+    raise SystemExit(f"--kv: {err}") from None
 
 
 def run_meta(args) -> None:

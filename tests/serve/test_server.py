@@ -277,3 +277,32 @@ def test_unknown_flag_is_a_usage_error():
   result = subprocess.run([sys.executable, "-m", "serve", "--no_such_flag"], capture_output=True, text=True,
                           timeout=120, env=_env())
   assert result.returncode != 0 and "no_such_flag" in result.stderr
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--kv_store", "3fs://127.0.0.1:1/kv", "--kv_store_index", "memory"], "--kv_store: cannot use the storage cluster"),
+    (["--kv_store", "/local/dir", "--kv_store_index", "memory"], "--kv_store must be 3fs://HOST:PORT/ROOT"),
+    (["--kv_store", "3fs://127.0.0.1:1/kv"], "--kv_store needs --kv_store_index"),
+    (["--kv_store", "3fs://127.0.0.1:1/kv", "--kv_store_index", "redis://x"], "--kv_store_index: a KV engine must be"),
+    (["--kv_store_index", "memory"], "need --kv_store"),
+])
+def test_bad_kv_store_flags_are_usage_errors(flags, needle):
+  result = subprocess.run([sys.executable, "-m", "serve", "--prompt", "x", *flags], capture_output=True, text=True,
+                          timeout=300, env=_env())
+  assert result.returncode != 0 and needle in result.stderr, result.stderr[-3000:]
+
+
+def test_prompt_mode_with_a_kv_store_on_a_cluster(tmp_path):
+  import storage
+  from tests.storage.local_cluster import LocalCluster
+  with LocalCluster(tmp_path / "cluster", gc_delay_s=0.0) as cluster:
+    args = ["--prompt", _PROMPT, "--max_tokens", "8", "--max_model_len", str(_MAX_MODEL_LEN)]
+    plain = subprocess.run([sys.executable, "-m", "serve", *args], capture_output=True, text=True, timeout=300,
+                           env=_env())
+    stored = subprocess.run([sys.executable, "-m", "serve", *args, "--kv_store", f"3fs://{cluster.address}/serve-kv",
+                             "--kv_store_index", f"sqlite:{tmp_path / 'index.db'}", "--kv_store_pages", "16"],
+                            capture_output=True, text=True, timeout=300, env=_env())
+    assert plain.returncode == 0 and stored.returncode == 0, stored.stderr[-3000:]
+    assert stored.stdout == plain.stdout
+    with storage.connect(cluster.address) as client:
+      assert client.exists("/serve-kv")  # the store was made on the cluster, at the flag's root

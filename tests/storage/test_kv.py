@@ -163,3 +163,17 @@ def test_sqlite_purges_old_tombstones_and_old_readers_conflict(tmp_path, monkeyp
   blind.commit()
   assert run_transaction(engine, lambda txn: txn.get(b"k"), read_only=True) == b"blind"
   engine.close()
+
+
+def test_open_kv_names_an_engine_by_its_flag_text(tmp_path, etcd_endpoint):
+  from storage.kv import open_kv
+  assert isinstance(open_kv("memory"), MemoryKV)
+  sqlite = open_kv(f"sqlite:{tmp_path / 'kv.db'}")
+  assert isinstance(sqlite, SqliteKV)
+  sqlite.close()
+  etcd = open_kv(etcd_endpoint.replace("http://", "etcd://"))
+  assert isinstance(etcd, EtcdKV)
+  etcd.close()
+  for bad in ("", "sqlite:", "etcd://", "redis://x", "MEMORY"):
+    with pytest.raises(ValueError, match="sqlite:PATH, etcd://HOST:PORT or memory"):
+      open_kv(bad)
