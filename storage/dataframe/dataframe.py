@@ -1,15 +1,16 @@
-"""The lazy DataFrame: each method returns a new one over a bigger plan; `to_arrow`, `count`,
-`take` and `write_parquet` compute it on the session's executor."""
+"""The lazy DataFrame: each method returns a new one over a bigger plan; `to_arrow`,
+`count`, `take` and `write_parquet` compute it on the session's executor."""
 
 from __future__ import annotations
 
+import functools
 import posixpath
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import fsspec
 import pyarrow as pa
 
-from storage.dataframe import tasks
+from storage.dataframe import row_functions, tasks
 from storage.dataframe.executors import Task
 from storage.dataframe.partitioning import ColumnSplit, HashSplit
 from storage.dataframe.plan import Narrow, Node, Repartition, SqlNode, materialize_all
@@ -79,6 +80,34 @@ class DataFrame:
     if not callable(sql_or_func):
       raise ValueError(f"sql_or_func must be a SQL string or a callable, got {type(sql_or_func).__name__}")
     return DataFrame(self.session, Narrow(self.node, sql_or_func, "filter"))
+
+  def flat_map(self, func: Callable[[dict], Any]) -> "DataFrame":
+    """Per row: `func(row)` (a dict) yields any number of output rows (dicts); a top-level function."""
+    if not callable(func):
+      raise ValueError(f"func must be callable, got {type(func).__name__}")
+    return DataFrame(self.session, Narrow(self.node, functools.partial(row_functions.flat_map_rows, func), "map"))
+
+  def map_batches(self, func: Callable[[pa.Table], pa.Table], batch_size: int = 122880) -> "DataFrame":
+    """Per partition, `func` on pyarrow.Table slices of at most `batch_size` rows (smallpond's default
+    122880), concatenated; a top-level function."""
+    if not callable(func):
+      raise ValueError(f"func must be callable, got {type(func).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+      raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    return DataFrame(self.session,
+                     Narrow(self.node, functools.partial(row_functions.map_batches, func, batch_size), "map"))
+
+  def partial_sort(self, by: str | Sequence[str]) -> "DataFrame":
+    """Sorts each partition by `by` (column names, ascending); partitions stay as they are."""
+    columns = (by,) if isinstance(by, str) else tuple(by)
+    if not columns or not all(isinstance(c, str) and c for c in columns):
+      raise ValueError(f"by must name one or more columns, got {by!r}")
+    order = ", ".join('"' + c.replace('"', '""') + '"' for c in columns)
+    return DataFrame(self.session, SqlNode([self.node], f"SELECT * FROM {{0}} ORDER BY {escape_braces(order)}"))
+
+  def random_shuffle(self) -> "DataFrame":
+    """Shuffles the rows within each partition (DuckDB's `random()`: a different order every run)."""
+    return DataFrame(self.session, SqlNode([self.node], "SELECT * FROM {0} ORDER BY random()"))
 
   def partial_sql(self, query: str, *others: "DataFrame") -> "DataFrame":
     """`session.partial_sql(query, self, *others)`."""

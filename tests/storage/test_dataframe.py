@@ -246,3 +246,34 @@ def test_braces_in_sql_and_rewriting_an_output_directory(tmp_path):
     df.repartition(1).write_parquet(out)              # the earlier write's three parts are gone
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["part-00000.parquet"]
     assert sess.read_parquet(out).count() == 2
+
+
+def explode_tags(row: dict) -> list[dict]:
+  return [{"id": row["id"], "copy": i} for i in range(row["key"] % 3)]
+
+
+def double_batch(table: pa.Table) -> pa.Table:
+  assert table.num_rows <= 7  # the batch size below
+  return pa.table({"id": table.column("id"), "double": pc.multiply(table.column("value"), 2)})
+
+
+def test_flat_map_map_batches_partial_sort_and_random_shuffle(sess, input_dir):
+  table = _table()
+  df = sess.read_parquet(str(input_dir)).repartition(3, by_rows=True)
+  exploded = df.flat_map(explode_tags).to_arrow()
+  want = [{"id": i, "copy": c} for i, k in zip(table.column("id").to_pylist(), table.column("key").to_pylist())
+          for c in range(k % 3)]
+  assert exploded.to_pylist() == want
+  assert df.map_batches(double_batch, batch_size=7).to_arrow().equals(
+    _sql("SELECT id, value * 2 AS double FROM t", t=table))
+  parts = df.partial_sort(["key", "id"]).partition_tables()
+  assert len(parts) == 3 and sum(p.num_rows for p in parts) == NUM_ROWS
+  for part, original in zip(parts, df.partition_tables()):  # each partition sorted, rows kept in their partition
+    assert part.equals(_sql('SELECT * FROM t ORDER BY "key", id', t=original))
+  shuffled, originals = df.random_shuffle().partition_tables(), df.partition_tables()
+  assert [_sorted(p, "id") for p in shuffled] == [_sorted(p, "id") for p in originals]  # the same rows, partition by partition
+  assert all(p.column("id") != o.column("id") for p, o in zip(shuffled, originals))  # in another order
+  for bad in (lambda: df.flat_map(3), lambda: df.map_batches(double_batch, batch_size=0),
+              lambda: df.partial_sort([])):
+    with pytest.raises(ValueError):
+      bad()
