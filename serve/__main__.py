@@ -66,6 +66,7 @@ def main(argv):
                        num_speculative_tokens=FLAGS.num_speculative_tokens, kv_store=_kv_store(name))
     if FLAGS.prompt is not None:
       complete(engine, FLAGS.prompt, params)
+      engine.flush_kv_store(timeout_s=30)  # pages spilled meanwhile (--kv_store), before the process ends
       return
   except ValueError as err:
     raise app.UsageError(str(err)) from None
