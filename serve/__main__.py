@@ -32,8 +32,8 @@ flags.DEFINE_string("kv_store", None, "3fs://HOST:PORT/ROOT: spill prefix-cache 
                     "storage cluster's KV-cache store, and read them back on a hit (needs --kv_store_index).")
 flags.DEFINE_string("kv_store_index", None, "The KV-cache store's index: sqlite:PATH (this host's servers share "
                     "it), etcd://HOST:PORT (every host's), or memory (this server only).")
-flags.DEFINE_integer("kv_store_pages", None, "The KV-cache store's capacity in pages, when it is created "
-                     "(default: the store's own).")
+flags.DEFINE_integer("kv_store_pages", None, "The KV-cache store's capacity in pages: needed when this "
+                     "server creates the store; an existing store keeps its own.")
 flags.DEFINE_bool("warmup", False, "Compile every batch and chunk shape before serving (the ready line waits "
                   "for it), so no request waits for a compile.")
 flags.DEFINE_string("prompt", None, "Print one completion of this prompt, token by token, and exit (no server).")
@@ -92,22 +92,29 @@ def _kv_store(model_name: str):
     raise ValueError(f"--kv_store must be 3fs://HOST:PORT/ROOT, got {FLAGS.kv_store!r}")
   if FLAGS.kv_store_index is None:
     raise ValueError("--kv_store needs --kv_store_index (sqlite:PATH, etcd://HOST:PORT or memory)")
+  if FLAGS.kv_store_pages is not None and FLAGS.kv_store_pages < 1:
+    raise ValueError(f"--kv_store_pages must be >= 1, got {FLAGS.kv_store_pages}")
+  if FLAGS.num_speculative_tokens not in (0, 1):  # before a store of the wrong page size is created
+    raise ValueError(f"--num_speculative_tokens must be 0 or 1, got {FLAGS.num_speculative_tokens}")
   import storage
   from serve.engine import LLMEngine, model_config
   from storage.kv import open_kv
+  from storage.kv import KVError
   from storage.kvcache import KVCacheStore
   from storage.transport import StorageError
   address, _, root = FLAGS.kv_store[len("3fs://"):].partition("/")
   try:
     index = open_kv(FLAGS.kv_store_index)
-  except ValueError as err:
+  except (ValueError, OSError, KVError) as err:
     raise ValueError(f"--kv_store_index: {err}") from None
   page_bytes = LLMEngine.page_bytes_for(model_config(model_name), FLAGS.num_speculative_tokens)
   try:
     return KVCacheStore(storage.connect(address, timeout_s=10), index, "/" + (root or "kvcache"),
                         page_bytes=page_bytes, capacity_pages=FLAGS.kv_store_pages)
-  except (OSError, StorageError) as err:  # unreachable, refused, timed out
-    raise ValueError(f"--kv_store: cannot use the storage cluster at {address}: {err!r}") from None
+  except ValueError as err:  # e.g. a new store without --kv_store_pages, or another page size than this model's
+    raise ValueError(f"--kv_store (--kv_store_pages when it is created): {err}") from None
+  except (OSError, StorageError, KVError) as err:  # unreachable, refused, timed out; the index too
+    raise ValueError(f"--kv_store: cannot use the storage cluster at {address} or its index: {err!r}") from None
 
 
 def complete(engine, prompt: str, params) -> None:

@@ -186,13 +186,18 @@ class AsyncLLM:
     elapsed = min(self._window_s, now - self._created)
     return (samples[-1][1] - base[1]) / elapsed if elapsed > 0 else 0.0
 
-  def shutdown(self) -> None:
-    """Stops the engine thread; requests still streaming raise RuntimeError."""
+  def shutdown(self, timeout_s: float | None = None) -> bool:
+    """Stops the engine thread after its current step; requests still streaming raise RuntimeError.
+
+    Returns whether the thread ended within `timeout_s` (None: waits as long as the step takes;
+    a hung step never ends, and the thread is a daemon, so the process can still exit).
+    """
     with self._cond:
       self._stopping = True
       self._cond.notify()
     if threading.current_thread() is not self._thread:
-      self._thread.join()
+      self._thread.join(timeout_s)
+    return not self._thread.is_alive()
 
   def _submit(self, command: tuple) -> None:
     with self._cond:

@@ -31,6 +31,8 @@ class BlockManager:
 
   Args:
     num_pages: pages in the device cache, the trash page included.
+    root: the parent of every sequence's first page hash (`serve.model_fingerprint`), so pages of
+      different models never share keys in a KV-cache store; None: the tokens alone.
     spill: optional `spill(page, key)`, called before a cached page is handed out again, while
       it still holds its tokens (the engine copies it to the on-disk KV-cache store).
     load: optional `load(keys, pages) -> n`: fills the fresh `pages` with the stored pages of
@@ -38,10 +40,11 @@ class BlockManager:
       Called at admission for the full pages past the device's cached prefix.
   """
 
-  def __init__(self, num_pages: int, *, spill=None, load=None):
+  def __init__(self, num_pages: int, *, root: bytes | None = None, spill=None, load=None):
     if num_pages < 2:
       raise ValueError(f"num_pages must be >= 2 (page 0 is reserved for padding), got {num_pages}")
     self.num_pages = num_pages
+    self.root = root
     self._free = collections.OrderedDict((page, None) for page in range(1, num_pages))  # least recently freed first
     self._refs = [0] * num_pages
     self._hash_of: list[bytes | None] = [None] * num_pages
@@ -69,7 +72,7 @@ class BlockManager:
     (tokens are only ever appended, so earlier hashes stay valid)."""
     known = seq.page_hashes
     if len(known) < num_pages:
-      parent = known[-1] if known else None
+      parent = known[-1] if known else self.root
       known += prefix_hashes(seq.token_ids[len(known) * PAGE_SIZE:num_pages * PAGE_SIZE], PAGE_SIZE, parent)
     return known[:num_pages]
 

@@ -29,6 +29,7 @@ from model.sharding import EP_AXIS
 from serve.block_manager import PAGE_SIZE, BlockManager
 from serve.detokenizer import IncrementalText
 from serve.kv_spill import Spiller
+from serve.model_fingerprint import model_fingerprint
 from serve.model_runner import ModelRunner, StepRow, bucket
 from serve.outputs import EngineStats, RequestOutput
 from serve.sampling_params import SamplingParams
@@ -130,9 +131,11 @@ class LLMEngine:
       raise ValueError(f"kv_store holds pages of {kv_store.page_bytes} bytes; this model's cache pages are "
                        f"{self.runner.page_bytes}")
     self._spiller = None if kv_store is None else Spiller(kv_store)
+    # Page keys start from the model's fingerprint: a shared store never mixes models' pages.
+    self.fingerprint = model_fingerprint(net, num_speculative_tokens=num_speculative_tokens)
     hooks = lambda rank: {} if kv_store is None else {"spill": functools.partial(self._spill, rank),
                                                        "load": functools.partial(self._load, rank)}
-    self.ranks = [BlockManager(num_kv_pages, **hooks(rank)) for rank in range(ep)]
+    self.ranks = [BlockManager(num_kv_pages, root=self.fingerprint, **hooks(rank)) for rank in range(ep)]
     self.blocks = self.ranks[0]
     self.scheduler = Scheduler(self.ranks, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
     self._seeds = random.Random(seed)
@@ -155,7 +158,12 @@ class LLMEngine:
 
   # Both are best effort: the store is a cache, and its failure must not lose pages or requests.
   def _spill(self, rank: int, page: int, key: bytes) -> None:
-    self._spiller.put(key, self.runner.read_page(page, rank))  # on the host now: the device page is reused next
+    try:
+      data = self.runner.read_page(page, rank)  # on the host now: the device page is reused next
+    except Exception:  # noqa: BLE001 -- the page is simply not kept; the step goes on
+      logging.warning("KV-cache store: reading a page to spill failed; it is dropped", exc_info=True)
+      return
+    self._spiller.put(key, data)
 
   def _load(self, rank: int, keys: list[bytes], pages: list[int]) -> int:
     waiting = self._spiller.lookup(keys)  # spilled, not yet written: served from memory
@@ -254,7 +262,14 @@ class LLMEngine:
                        prefix_cache_hit_tokens=sum(b.hit_tokens for b in ranks),
                        prefix_cache_query_tokens=sum(b.query_tokens for b in ranks), prompt_tokens=self.prompt_tokens,
                        generation_tokens=self.generation_tokens, spec_draft_tokens=self.draft_tokens,
-                       spec_accepted_tokens=self.accepted_tokens)
+                       spec_accepted_tokens=self.accepted_tokens, kv_store_spills=self._spill_counts())
+
+  def _spill_counts(self) -> dict[str, int]:
+    spiller = self._spiller
+    if spiller is None:
+      return {}
+    return {"written": spiller.written, "not_stored": spiller.not_stored, "dropped": spiller.dropped,
+            "failed": spiller.failed}
 
   # -- one step --
   def step(self) -> list[RequestOutput]:

@@ -1,10 +1,11 @@
 """Spilling cache pages to the on-disk KV-cache store without the scheduler waiting on storage.
 
 A page leaving the device's prefix cache is copied to the host at once (its device page is about
-to be reused), then written to the store by a background thread. Until it is written, it stays
-in memory here and is served to lookups, so a page evicted and soon needed again comes back
-without a round trip. The store is a cache: a spill that fails, or finds `max_pending` pages
-already waiting, is dropped and counted, never retried or waited for.
+to be reused), then written to the store by a background thread, which writes whatever has
+queued up as one `put_many` (one index transaction for the batch). Until it is written, a page
+stays in memory here and is served to lookups, so a page evicted and soon needed again comes
+back without a round trip. The store is a cache: a spill that fails, or finds `max_pending`
+pages already waiting, is dropped and counted, never retried or waited for.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ class Spiller:
   Args:
     store: the store (thread-safe).
     max_pending: the most pages waiting to be written (host memory: that many pages).
+
+  Counters: `written` (stored by the store), `not_stored` (the store declined: already cached,
+  being written by another, or no free slot), `dropped` (the queue was full, or closed),
+  `failed` (the write raised).
   """
 
   def __init__(self, store, *, max_pending: int = 64):
@@ -32,7 +37,7 @@ class Spiller:
     self._pending: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()  # oldest first
     self._cond = threading.Condition()
     self._closed = False
-    self.written = self.dropped = self.failed = 0
+    self.written = self.not_stored = self.dropped = self.failed = 0
     self._thread = threading.Thread(target=self._run, name="fireflyer-kv-spill", daemon=True)
     self._thread.start()
 
@@ -59,8 +64,8 @@ class Spiller:
       return self._cond.wait_for(lambda: not self._pending, timeout=timeout_s)
 
   def close(self, timeout_s: float | None = 30.0) -> None:
-    """Writes what is queued (up to `timeout_s`), then stops the thread; later puts are dropped."""
-    self.flush(timeout_s)
+    """Refuses later puts, and waits up to `timeout_s` for the queue to drain and the thread to end
+    (a slow store may keep it writing past that; it ends once the queue is empty)."""
     with self._cond:
       self._closed = True
       self._cond.notify_all()
@@ -77,17 +82,19 @@ class Spiller:
         self._cond.wait_for(lambda: self._pending or self._closed)
         if not self._pending:
           return  # closed and drained
-        key, page = next(iter(self._pending.items()))  # stays visible to lookups until written
+        batch = list(self._pending.items())  # they stay visible to lookups until written
+      keys = [key for key, _ in batch]
       try:
-        self._store.put(key, page)  # an already stored key is a no-op
-        written = True
-      except Exception:  # noqa: BLE001 -- a cache: the page is simply not kept
-        logging.warning("KV-cache store: spilling a page failed; it is dropped", exc_info=True)
-        written = False
+        stored = self._store.put_many(keys, np.stack([page for _, page in batch]))
+      except Exception:  # noqa: BLE001 -- a cache: the pages are simply not kept
+        logging.warning("KV-cache store: spilling %d pages failed; they are dropped", len(keys), exc_info=True)
+        stored = None
       with self._cond:
-        del self._pending[key]
-        if written:
-          self.written += 1
+        for key in keys:
+          del self._pending[key]
+        if stored is None:
+          self.failed += len(keys)
         else:
-          self.failed += 1
+          self.written += int(np.count_nonzero(stored))
+          self.not_stored += len(keys) - int(np.count_nonzero(stored))
         self._cond.notify_all()

@@ -73,3 +73,10 @@ class _EngineCollector:
                               value=stats.spec_draft_tokens)
     yield CounterMetricFamily("fireflyer:spec_decode_num_accepted_tokens", "MTP draft tokens accepted.",
                               value=stats.spec_accepted_tokens)
+    if stats.kv_store_spills:
+      spills = CounterMetricFamily("fireflyer:kv_store_spilled_pages",
+                                   "Pages spilled to the KV-cache store, by outcome (written, not_stored: the store "
+                                   "declined, dropped: the queue was full, failed).", labels=["outcome"])
+      for outcome, count in sorted(stats.kv_store_spills.items()):
+        spills.add_metric([outcome], count)
+      yield spills

@@ -49,6 +49,8 @@ class EngineStats:
     prompt_tokens, generation_tokens: tokens processed since start.
     spec_draft_tokens, spec_accepted_tokens: speculative decoding's drafts verified, and those
       accepted, since start (0 without speculative decoding).
+    kv_store_spills: pages spilled to the KV-cache store since start, by outcome (`serve.kv_spill`'s
+      counters: written, not_stored, dropped, failed); empty without a store.
   """
 
   running: int
@@ -60,3 +62,4 @@ class EngineStats:
   generation_tokens: int
   spec_draft_tokens: int = 0
   spec_accepted_tokens: int = 0
+  kv_store_spills: dict[str, int] = dataclasses.field(default_factory=dict)

@@ -73,7 +73,9 @@ def create_app(engine: Any, *, health_stall_s: float = 600.0) -> web.Application
   app.router.add_get("/metrics", _metrics)
 
   async def shutdown(app: web.Application) -> None:
-    await asyncio.to_thread(app[_LLM].shutdown)  # joins the engine thread, which may be mid-step
+    # Joins the engine thread, which may be mid-step; a hung step (what /health reports) is not waited out.
+    if not await asyncio.to_thread(app[_LLM].shutdown, 60.0):
+      logging.warning("the engine step still runs after 60 s; stopping without it")
     flush = getattr(engine, "flush_kv_store", None)  # spilled pages still queued for the KV-cache store
     if flush is not None and not await asyncio.to_thread(flush, 30.0):
       logging.warning("KV-cache store: spilled pages still queued after 30 s are dropped")

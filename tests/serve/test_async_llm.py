@@ -348,3 +348,23 @@ def test_health_reports_a_stalled_step_and_recovers():
     asyncio.run(run())
   finally:
     engine.release.set()
+
+
+def test_shutdown_does_not_wait_out_a_hung_step_past_its_timeout():
+  engine = HungEngine()
+  llm = AsyncLLM(engine)
+
+  async def run():
+    collected = asyncio.ensure_future(_collect(llm, "x", max_tokens=2))
+    await _wait_for(lambda: llm.step_seconds() > 0.05)
+    assert not await asyncio.get_running_loop().run_in_executor(None, llm.shutdown, 0.2)  # still in the step
+    engine.release.set()
+    with pytest.raises(RuntimeError, match="shut down"):
+      await collected
+
+  try:
+    asyncio.run(run())
+    llm._thread.join(timeout=30)
+    assert not llm.is_running and llm.shutdown(timeout_s=1)
+  finally:
+    engine.release.set()

@@ -48,7 +48,7 @@ def test_spilled_pages_are_read_back_and_give_the_same_output(store):
   for prompt in PROMPTS:  # other prompts take the free pages over: the long prompt's cached pages are spilled
     llm.generate(prompt * 2, greedy)
   assert engine.flush_kv_store(timeout_s=60)  # spills are written by a background thread
-  assert store.stats().used_pages >= 2
+  assert store.stats().used_pages >= 2 and engine.stats().kv_store_spills["written"] >= 2
   again = llm.generate(long_prompt, greedy)[0]
   assert again.num_cached_tokens == 128 and engine.blocks.store_hit_tokens >= 64  # at least one page from the store
   assert again.token_ids == first.token_ids
@@ -84,10 +84,10 @@ class _BrokenStore:
   def __init__(self, page_bytes):
     self.page_bytes = page_bytes
 
-  def put(self, *args):
+  def put_many(self, *args):
     raise OSError("simulated: the storage cluster is gone")
 
-  batch_exists = get_many = put
+  batch_exists = get_many = put_many
 
 
 def test_a_failing_store_costs_recomputation_not_pages_or_requests(store):
@@ -97,7 +97,7 @@ def test_a_failing_store_costs_recomputation_not_pages_or_requests(store):
   first = [out.token_ids for out in llm.generate([p * 2 for p in PROMPTS], greedy)]  # spills fail
   again = [out.token_ids for out in llm.generate([p * 2 for p in PROMPTS], greedy)]  # loads fail too
   assert again == first and llm.engine.blocks.num_free == 7 and not llm.engine.has_unfinished()
-  assert llm.engine.flush_kv_store(timeout_s=60) and llm.engine._spiller.failed > 0
+  assert llm.engine.flush_kv_store(timeout_s=60) and llm.engine.stats().kv_store_spills["failed"] > 0
 
 
 class _MemoryStore:
@@ -109,9 +109,10 @@ class _MemoryStore:
     self.pages: dict[bytes, np.ndarray] = {}
     self.open = threading.Event()
 
-  def put(self, key, page):
+  def put_many(self, keys, pages):
     self.open.wait(timeout=60)
-    self.pages[key] = page.copy()
+    self.pages.update((key, page.copy()) for key, page in zip(keys, pages))
+    return np.ones(len(keys), bool)
 
   def batch_exists(self, keys):
     return next((i for i, key in enumerate(keys) if key not in self.pages), len(keys))
@@ -139,3 +140,18 @@ def test_a_load_takes_queued_spills_and_stored_pages_in_prefix_order(store):
   finally:
     memory.open.set()
   assert engine.flush_kv_store(timeout_s=60) and set(memory.pages) == {b"q1", b"q3", b"s2", b"s5"}
+
+
+def test_page_keys_start_from_the_models_fingerprint():
+  # A store shared by servers of other weights, dtypes or cache layouts must never hand one the other's pages.
+  from serve.sequence import Sequence
+  from storage.kvcache import prefix_hashes
+  engines = [LLMEngine(num_kv_pages=8, max_model_len=256, **kwargs)
+             for kwargs in ({}, {}, {"dtype": "bfloat16"}, {"num_speculative_tokens": 1})]
+  engines.append(LLMEngine("tiny", num_kv_pages=8, max_model_len=256))  # another model (random weights)
+  fingerprints = [engine.fingerprint for engine in engines]
+  assert fingerprints[0] == fingerprints[1] and len(set(fingerprints)) == 4
+  tokens = list(range(1, 130))
+  keys = [engine.blocks._hashes(Sequence("r", tokens, SamplingParams(), 0), 2) for engine in engines]
+  assert keys[0] == prefix_hashes(tokens[:128], 64, fingerprints[0]) == keys[1]
+  assert len({tuple(k) for k in keys}) == 4

@@ -285,6 +285,10 @@ def test_unknown_flag_is_a_usage_error():
     (["--kv_store", "3fs://127.0.0.1:1/kv"], "--kv_store needs --kv_store_index"),
     (["--kv_store", "3fs://127.0.0.1:1/kv", "--kv_store_index", "redis://x"], "--kv_store_index: a KV engine must be"),
     (["--kv_store_index", "memory"], "need --kv_store"),
+    (["--kv_store", "3fs://127.0.0.1:1/kv", "--kv_store_index", "memory", "--kv_store_pages", "0"],
+     "--kv_store_pages must be >= 1"),
+    (["--kv_store", "3fs://127.0.0.1:1/kv", "--kv_store_index", "memory", "--num_speculative_tokens", "2"],
+     "--num_speculative_tokens must be 0 or 1"),
 ])
 def test_bad_kv_store_flags_are_usage_errors(flags, needle):
   result = subprocess.run([sys.executable, "-m", "serve", "--prompt", "x", *flags], capture_output=True, text=True,
