@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from storage.dataframe import row_functions, tasks
 from storage.dataframe.executors import Task
-from storage.dataframe.partitioning import ColumnSplit, HashSplit
+from storage.dataframe.partitioning import ColumnSplit, HashSplit, RandomSplit
 from storage.dataframe.plan import Narrow, Node, Repartition, SqlNode, materialize_all
 from storage.dataframe.recipes import escape_braces, evaluate
 
@@ -81,11 +81,21 @@ class DataFrame:
       raise ValueError(f"sql_or_func must be a SQL string or a callable, got {type(sql_or_func).__name__}")
     return DataFrame(self.session, Narrow(self.node, sql_or_func, "filter"))
 
-  def flat_map(self, func: Callable[[dict], Any]) -> "DataFrame":
-    """Per row: `func(row)` (a dict) yields any number of output rows (dicts); a top-level function."""
+  def flat_map(self, func: Callable[[dict], Any], schema: pa.Schema | None = None) -> "DataFrame":
+    """Per row: `func(row)` (a dict) yields any number of output rows (dicts); a top-level function.
+
+    Args:
+      func: row -> iterable of rows.
+      schema: the output's columns and types. Without it they are inferred per partition, so a
+        partition with no output rows raises (it has no columns to give), and a column whose
+        values in one partition are all None may get another type than elsewhere.
+    """
     if not callable(func):
       raise ValueError(f"func must be callable, got {type(func).__name__}")
-    return DataFrame(self.session, Narrow(self.node, functools.partial(row_functions.flat_map_rows, func), "map"))
+    if schema is not None and not isinstance(schema, pa.Schema):
+      raise ValueError(f"schema must be a pyarrow.Schema or None, got {type(schema).__name__}")
+    return DataFrame(self.session,
+                     Narrow(self.node, functools.partial(row_functions.flat_map_rows, func, schema), "map"))
 
   def map_batches(self, func: Callable[[pa.Table], pa.Table], batch_size: int = 122880) -> "DataFrame":
     """Per partition, `func` on pyarrow.Table slices of at most `batch_size` rows (smallpond's default
@@ -98,16 +108,25 @@ class DataFrame:
                      Narrow(self.node, functools.partial(row_functions.map_batches, func, batch_size), "map"))
 
   def partial_sort(self, by: str | Sequence[str]) -> "DataFrame":
-    """Sorts each partition by `by` (column names, ascending); partitions stay as they are."""
-    columns = (by,) if isinstance(by, str) else tuple(by)
-    if not columns or not all(isinstance(c, str) and c for c in columns):
+    """Sorts each partition by `by`: column names, each optionally followed by `asc` or `desc`
+    (`["b", "a desc"]`); partitions keep their rows."""
+    items = (by,) if isinstance(by, str) else tuple(by) if isinstance(by, (list, tuple)) else None
+    if not items or not all(isinstance(c, str) and c.strip() for c in items):
       raise ValueError(f"by must name one or more columns, got {by!r}")
-    order = ", ".join('"' + c.replace('"', '""') + '"' for c in columns)
-    return DataFrame(self.session, SqlNode([self.node], f"SELECT * FROM {{0}} ORDER BY {escape_braces(order)}"))
+    terms = []
+    for item in items:
+      column, _, direction = item.strip().rpartition(" ")
+      if not column or direction.lower() not in ("asc", "desc"):
+        column, direction = item.strip(), "asc"
+      terms.append('"' + column.strip().replace('"', '""') + '" ' + direction.upper())
+    return DataFrame(self.session,
+                     SqlNode([self.node], f"SELECT * FROM {{0}} ORDER BY {escape_braces(', '.join(terms))}"))
 
   def random_shuffle(self) -> "DataFrame":
-    """Shuffles the rows within each partition (DuckDB's `random()`: a different order every run)."""
-    return DataFrame(self.session, SqlNode([self.node], "SELECT * FROM {0} ORDER BY random()"))
+    """Shuffles every row across the partitions, as smallpond does: each row to a random partition
+    (as many as now), then each partition in random order. A different result every run."""
+    scattered = Repartition(self.node, self.num_partitions, RandomSplit())
+    return DataFrame(self.session, SqlNode([scattered], "SELECT * FROM {0} ORDER BY random()"))
 
   def partial_sql(self, query: str, *others: "DataFrame") -> "DataFrame":
     """`session.partial_sql(query, self, *others)`."""

@@ -69,7 +69,15 @@ class RowRangeSplit:
     return rows * num_partitions // max(self.total, 1)
 
 
-Split = HashSplit | ColumnSplit | RowRangeSplit
+@dataclasses.dataclass(frozen=True)
+class RandomSplit:
+  """Each row to a partition drawn at random (fresh entropy in every task: a different split every run)."""
+
+  def buckets(self, table: pa.Table, num_partitions: int) -> np.ndarray:
+    return np.random.default_rng().integers(0, num_partitions, table.num_rows, dtype=np.int64)
+
+
+Split = HashSplit | ColumnSplit | RowRangeSplit | RandomSplit
 
 
 def split_table(table: pa.Table, buckets: np.ndarray, num_partitions: int) -> list[pa.Table]:

@@ -12,13 +12,15 @@ from typing import Callable, Iterable
 import pyarrow as pa
 
 
-def flat_map_rows(fn: Callable[[dict], Iterable[dict]], table: pa.Table) -> pa.Table:
-  """Every output row of `fn(row)` for each row (as a dict), in order; the schema is inferred."""
+def flat_map_rows(fn: Callable[[dict], Iterable[dict]], schema: pa.Schema | None, table: pa.Table) -> pa.Table:
+  """Every output row of `fn(row)` for each row (as a dict), in order, with `schema` (None: inferred)."""
   rows = [out for row in table.to_pylist() for out in fn(row)]
   for out in rows[:1]:
     if not isinstance(out, dict):
       raise ValueError(f"flat_map's function must yield dicts (rows), got {type(out).__name__}")
-  return pa.Table.from_pylist(rows)
+  if not rows and schema is None:
+    raise ValueError("flat_map gave a partition no rows, so its columns are unknown: pass schema=")
+  return pa.Table.from_pylist(rows, schema=schema)
 
 
 def map_batches(fn: Callable[[pa.Table], pa.Table], batch_size: int, table: pa.Table) -> pa.Table:

@@ -266,14 +266,26 @@ def test_flat_map_map_batches_partial_sort_and_random_shuffle(sess, input_dir):
   assert exploded.to_pylist() == want
   assert df.map_batches(double_batch, batch_size=7).to_arrow().equals(
     _sql("SELECT id, value * 2 AS double FROM t", t=table))
-  parts = df.partial_sort(["key", "id"]).partition_tables()
+  parts = df.partial_sort(["key", "id desc"]).partition_tables()
   assert len(parts) == 3 and sum(p.num_rows for p in parts) == NUM_ROWS
   for part, original in zip(parts, df.partition_tables()):  # each partition sorted, rows kept in their partition
-    assert part.equals(_sql('SELECT * FROM t ORDER BY "key", id', t=original))
+    assert part.equals(_sql('SELECT * FROM t ORDER BY "key", id DESC', t=original))
+  # smallpond's random_shuffle is global: rows move between partitions, and each is in random order.
   shuffled, originals = df.random_shuffle().partition_tables(), df.partition_tables()
-  assert [_sorted(p, "id") for p in shuffled] == [_sorted(p, "id") for p in originals]  # the same rows, partition by partition
-  assert all(p.column("id") != o.column("id") for p, o in zip(shuffled, originals))  # in another order
-  for bad in (lambda: df.flat_map(3), lambda: df.map_batches(double_batch, batch_size=0),
-              lambda: df.partial_sort([])):
+  assert len(shuffled) == 3 and _sorted(pa.concat_tables(shuffled), "id").equals(_sorted(table, "id"))
+  for part, original in zip(shuffled, originals):
+    assert set(part.column("id").to_pylist()) != set(original.column("id").to_pylist())
+    assert part.column("id").to_pylist() != sorted(part.column("id").to_pylist())
+  # A partition with no output rows: its columns come from schema= (without it, a clear error).
+  schema = pa.schema([("id", pa.int64()), ("copy", pa.int64())])
+  high_keys = df.filter("key >= 50").repartition(3, hash_by="tag")
+  assert high_keys.flat_map(explode_tags, schema=schema).partial_sort("id").count() == sum(
+    k % 3 for k in table.column("key").to_pylist() if k >= 50)
+  assert df.filter("key < 0").flat_map(explode_tags, schema=schema).partial_sort("id").to_arrow().schema == schema
+  with pytest.raises(TaskError, match="pass schema="):
+    df.filter("key < 0").flat_map(explode_tags).count()
+  for bad in (lambda: df.flat_map(3), lambda: df.flat_map(explode_tags, schema="id int"),
+              lambda: df.map_batches(double_batch, batch_size=0), lambda: df.partial_sort([]),
+              lambda: df.partial_sort(3)):
     with pytest.raises(ValueError):
       bad()
